@@ -1,0 +1,146 @@
+"""`gptcore` command line: prepare | train | sample | eval | quantize.
+
+    gptcore prepare --data shakespeare
+    gptcore train --config cpu out_dir=runs/cpu
+    gptcore sample --ckpt runs/cpu/ckpt.pt --prompt "ROMEO:"
+    gptcore eval --ckpt runs/cpu/ckpt.pt --json
+
+Errors a user can fix are printed as one line on stderr with exit code 2 (1 for failures at run
+time); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptcore.errors import GptcoreError, UserInputError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but its usage errors take the same one-line path as every other error."""
+
+    def error(self, message):
+        raise UserInputError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def cmd_prepare(args) -> None:
+    from gptcore.data import describe, prepare
+
+    out_dir, meta = prepare(args.data, args.out, args.clean)
+    print(f"prepared {out_dir}: {describe(meta)}")
+
+
+def cmd_train(args) -> None:
+    from gptcore.config import load_config
+    from gptcore.train import Trainer
+
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(config)
+    result = trainer.run()
+    finished = result.final_step == config.train.max_iters
+    if finished and trainer.is_main and config.train.sample_tokens:
+        from gptcore.inference import generate_text, load_model
+
+        loaded = load_model(trainer.ckpt_path)
+        text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
+        print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s) ---")
+        print(text.strip("\n"))
+        print("---")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from gptcore.inference import generate_text, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.ckpt, args.device)
+    text, speed = generate_text(loaded, args.prompt, args.tokens, args.temperature, args.top_k or None,
+                                args.seed, use_cache=not args.no_cache)
+    print(text)
+    print(f"[{args.tokens} tokens at {speed:.1f} tokens/s, {loaded.kind}, "
+          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from gptcore.inference import evaluate, load_model
+
+    loaded = load_model(args.ckpt, args.device)
+    result = evaluate(loaded, args.data, args.batches, args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"val loss {result['val_loss']:.4f} | {result['val_bpc']:.4f} bits/char "
+              f"({result['batches']} batches x {result['batch_size']} x {result['block_size']} tokens, {result['model']})")
+
+
+def cmd_quantize(args) -> None:
+    from gptcore.quantize import main as quantize_main
+
+    quantize_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="gptcore", description="Train, sample, evaluate and quantize a character-level GPT.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    p = sub.add_parser("prepare", help="text file or corpus name -> train.bin, val.bin, meta.json")
+    p.add_argument("--data", required=True, help="a UTF-8 text file or a corpus name (shakespeare)")
+    p.add_argument("--clean", default="none", choices=["none", "seed"])
+    p.add_argument("--out", default=None, help="output directory (default for a corpus: the data home)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model: gptcore train --config cpu key=value ...")
+    p.add_argument("--config", default=None, help="preset name (seed, shakespeare_char, cpu, tiny) or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="validation loss and bits per character of a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", default=None, help="text file, prepared directory or corpus (default: the training data)")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--mode", required=True, choices=["int8", "int4", "bf16"])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.func(args)
+    except GptcoreError as err:
+        print(f"gptcore: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("gptcore: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Every configuration key, its type and default, in one place.
+
+A run's config is: dataclass defaults <- a named preset or YAML file <- `key=value` overrides.
+Keys are dotted (`model.n_layer=4`, `train.lr=3e-4`, `out_dir=runs/x`); each value is parsed by
+the type of the field it sets, and a key that does not exist names the closest one that does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from gptcore.errors import UserInputError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    block_size: int = 512
+    dropout: float = 0.2
+    bias: bool = False
+    vocab_size: int = 0  # filled in from the data's vocabulary
+
+
+@dataclass
+class DataConfig:
+    path: str = "shakespeare"  # a text file, a prepared directory, or a named corpus
+    clean: str = "none"  # none | seed
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 5000
+    stop_at: int = 0  # end this session early at this step with a checkpoint; resume=auto goes on
+    batch_size: int = 64  # global under strong scaling, per rank under weak scaling
+    grad_accum: int = 1
+    scaling: str = "strong"  # strong | weak
+    lr: float = 3e-4
+    min_lr: float = 0.0  # 0 means lr / 10
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 500
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0 means at every evaluation
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    sample_tokens: int = 200  # text generated at the end of training; 0 for none
+    timeout_s: int = 300  # a rank that waits longer than this on the others fails the job
+    requeue: bool = True  # on SIGUSR1 under Slurm: checkpoint, then `scontrol requeue` the job
+
+
+@dataclass
+class ProfileConfig:
+    phases: bool = True  # per-phase step timers (synchronize the GPU at phase ends)
+    cprofile: bool = False
+    torch: bool = False
+    torch_start: int = 5  # first step of the torch.profiler window
+    torch_steps: int = 3
+    sampler: bool = True
+    sampler_interval: float = 1.0
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    resume: str = "never"  # never | auto
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "resume": ("never", "auto"),
+    "data.clean": ("none", "seed"),
+    "train.scaling": ("strong", "weak"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "float32", "bfloat16"),
+}
+
+
+def all_keys(obj=None, prefix: str = "") -> dict[str, type]:
+    """Every settable dotted key with the type of its field."""
+    obj = obj if obj is not None else Config()
+    keys = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update(all_keys(value, prefix + f.name + "."))
+        else:
+            keys[prefix + f.name] = type(value)
+    return keys
+
+
+def parse_value(key: str, raw, kind: type):
+    """Parse a string (from the command line) or a YAML scalar into the field's type."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise UserInputError(f"config key {key} needs true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise UserInputError(f"config key {key} needs an integer, got {raw!r}")
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise UserInputError(f"config key {key} needs an integer, got {raw!r}") from None
+        if not number.is_integer():
+            raise UserInputError(f"config key {key} needs an integer, got {raw!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(raw, bool):
+            raise UserInputError(f"config key {key} needs a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise UserInputError(f"config key {key} needs a number, got {raw!r}") from None
+    if isinstance(raw, (dict, list)):
+        raise UserInputError(f"config key {key} needs a single value, got {raw!r}")
+    return str(raw)
+
+
+def set_key(config: Config, key: str, raw) -> None:
+    keys = all_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(keys))}"
+        raise UserInputError(f"unknown config key {key!r}{hint}")
+    *parents, name = key.split(".")
+    target = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, name, parse_value(key, raw, keys[key]))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(name_or_file: str) -> dict:
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_file}.yaml"
+        if not path.is_file():
+            raise UserInputError(
+                f"config {name_or_file!r} is neither a YAML file nor a preset; "
+                f"presets: {', '.join(preset_names())}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        detail = str(err).replace("\n", " ")
+        raise UserInputError(f"config file {path} is not valid YAML: {detail}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserInputError(f"config file {path} must be a mapping of keys to values")
+    return tree
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    overrides = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"override {arg!r} is not of the form key=value (e.g. train.max_iters=100)")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def validate(config: Config) -> Config:
+    for key, allowed in CHOICES.items():
+        value = config.to_dict()
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            raise UserInputError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+    m, t = config.model, config.train
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "train.max_iters": t.max_iters,
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
+        "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
+        "train.log_interval": t.log_interval, "train.timeout_s": t.timeout_s,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise UserInputError(f"config key {key} must be positive, got {value}")
+    non_negative = {
+        "train.warmup_iters": t.warmup_iters, "train.min_lr": t.min_lr,
+        "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+        "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads,
+        "train.sample_tokens": t.sample_tokens, "train.stop_at": t.stop_at,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserInputError(f"config key {key} must not be negative, got {value}")
+    if m.n_embd % m.n_head:
+        raise UserInputError(
+            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+            f"try model.n_embd={m.n_embd // m.n_head * m.n_head or m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserInputError(f"config key model.dropout must be in [0, 1), got {m.dropout}")
+    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise UserInputError(f"config key {key} must be in [0, 1), got {value}")
+    if config.profile.sampler_interval <= 0:
+        raise UserInputError("config key profile.sampler_interval must be positive")
+    return config
+
+
+def load_config(name_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- preset or YAML file <- overrides, validated."""
+    config = Config()
+    if name_or_file:
+        for key, value in flatten(read_yaml(name_or_file)).items():
+            set_key(config, key, value)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    return validate(config)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint or config.yaml."""
+    config = Config()
+    for key, value in flatten(tree).items():
+        set_key(config, key, value)
+    return config
+
+
+def write_yaml(config: Config, path: Path) -> None:
+    from gptcore.checkpoint import atomic_write_bytes
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
