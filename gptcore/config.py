@@ -143,11 +143,30 @@ def parse_value(key: str, raw, kind: type):
     return str(raw)
 
 
+# nanoGPT's names for our keys: its users type them out of habit.
+NANOGPT_NAMES = {
+    "learning_rate": "train.lr", "gradient_accumulation_steps": "train.grad_accum",
+    "lr_decay_iters": "train.max_iters", "init_from": "resume", "dataset": "data.path",
+}
+
+
+def closest_key(key: str, keys) -> str | None:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in NANOGPT_NAMES:
+        return NANOGPT_NAMES[leaf]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    close = difflib.get_close_matches(leaf, by_leaf, n=1, cutoff=0.6)
+    return by_leaf[close[0]] if close else None
+
+
 def set_key(config: Config, key: str, raw) -> None:
     keys = all_keys()
     if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(keys))}"
+        close = closest_key(key, keys)
+        hint = f"; did you mean {close}?" if close else f"; valid keys: {', '.join(sorted(keys))}"
         raise UserInputError(f"unknown config key {key!r}{hint}")
     *parents, name = key.split(".")
     target = config

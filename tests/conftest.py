@@ -1,0 +1,56 @@
+"""Shared fixtures: a text corpus written by the test, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+WORDS = ("the king and queen walk to the castle while a fool sings of love and war , "
+         "my lord speaks softly to the night ; what light through yonder window breaks ? "
+         "all the world is a stage and men and women merely players !").split()
+
+
+def write_corpus(path: Path, chars: int = 60_000, seed: int = 0) -> Path:
+    """Deterministic pseudo-English with line breaks: enough structure for a model to learn."""
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < chars:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize()
+        lines.append(line)
+        size += len(line) + 1
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def run_gptcore(*args, timeout: int = 300, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m gptcore ARGS` as a user would run it; output captured as text."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gptcore", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """The contract for bad input: exit code, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,68 @@
+"""Configs: presets by name, YAML files, dotted overrides checked against the dataclasses."""
+
+import pytest
+
+from gptcore.config import load_config, preset_names
+from gptcore.errors import UserInputError
+
+
+def test_presets_match_their_references():
+    seed = load_config("seed")
+    assert (seed.model.n_layer, seed.model.n_head, seed.model.n_embd, seed.model.block_size) == (8, 8, 512, 512)
+    assert (seed.model.dropout, seed.train.batch_size, seed.train.lr, seed.train.max_iters) == (0.2, 64, 3e-4, 5000)
+    ref = load_config("shakespeare_char")
+    assert (ref.model.n_layer, ref.model.n_head, ref.model.n_embd, ref.model.block_size) == (6, 6, 384, 256)
+    assert (ref.train.batch_size, ref.train.lr, ref.train.max_iters, ref.model.dropout) == (64, 1e-3, 5000, 0.2)
+    assert {"seed", "shakespeare_char", "cpu", "tiny"} <= set(preset_names())
+
+
+def test_overrides_are_parsed_by_field_type():
+    config = load_config("tiny", ["model.n_layer=4", "train.lr=3e-4", "train.compile=true",
+                                  "data.path=/tmp/x.txt", "out_dir=runs/a", "train.max_iters=1e2"])
+    assert config.model.n_layer == 4 and isinstance(config.model.n_layer, int)
+    assert config.train.lr == 3e-4
+    assert config.train.compile is True
+    assert (config.data.path, config.out_dir, config.train.max_iters) == ("/tmp/x.txt", "runs/a", 100)
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  n_layer: 3\ntrain:\n  lr: 0.01\n")
+    config = load_config(str(path), ["train.lr=0.02"])
+    assert config.model.n_layer == 3 and config.train.lr == 0.02
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layers=4", "did you mean model.n_layer"),
+    ("train.learning_rate=1", "did you mean train.lr"),
+    ("trian.max_iters=5", "did you mean train.max_iters"),
+])
+def test_typo_names_the_closest_key(override, expected):
+    with pytest.raises(UserInputError, match=expected):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layer=four", "needs an integer"),
+    ("model.n_layer=2.5", "needs an integer"),
+    ("train.lr=fast", "needs a number"),
+    ("train.compile=maybe", "needs true or false"),
+    ("train.lr=-1", "must be positive"),
+    ("model.n_embd=33", "divisible by model.n_head"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("train.scaling=diagonal", "must be one of strong, weak"),
+    ("train.max_iters", "not of the form key=value"),
+])
+def test_bad_values_are_rejected(override, expected):
+    with pytest.raises(UserInputError, match=expected):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserInputError, match="presets: cpu"):
+        load_config("nosuchpreset")
+
+
+def test_nanogpt_names_point_to_ours():
+    with pytest.raises(UserInputError, match="did you mean train.grad_accum"):
+        load_config("tiny", ["gradient_accumulation_steps=4"])

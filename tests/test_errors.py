@@ -1,0 +1,88 @@
+"""Every input error a user can make gets one line naming the problem and the fix, exit 2
+(1 for failures at run time), no traceback, nothing overwritten."""
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_gptcore
+from gptcore.cli import main
+
+
+def cli(capsys, *args):
+    """The CLI entry point in-process (fast); returns (exit code, stderr lines)."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def assert_error(capsys, code, *fragments, args):
+    got, lines = cli(capsys, *args)
+    assert got == code and len(lines) == 1, (got, lines)
+    assert lines[0].startswith("gptcore: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def train_args(tmp_path, data, *extra):
+    return ["train", "--config", "tiny", f"data.path={data}", f"out_dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00", "looks binary"),
+    (b"na\xefve caf\xe9", "is not UTF-8"),
+    (b"short text\n" * 3, "fewer than block_size+1"),
+])
+def test_bad_data_files(tmp_path, capsys, content, fragment):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert_error(capsys, 2, fragment, args=train_args(tmp_path, path))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_bad_yaml(tmp_path, capsys, corpus):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: [4\n")
+    assert_error(capsys, 2, "not valid YAML", str(bad), args=["train", "--config", bad, f"data.path={corpus}"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.nlayer=2", "did you mean model.n_layer"),
+    ("train.batch_size=eight", "needs an integer"),
+    ("model.n_embd=33", "divisible by model.n_head"),
+    ("train.lr=-0.1", "must be positive"),
+])
+def test_bad_overrides(tmp_path, capsys, corpus, override, fragment):
+    assert_error(capsys, 2, fragment, args=train_args(tmp_path, corpus, override))
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert_error(capsys, 2, "does not exist", args=["sample", "--ckpt", missing])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    assert_error(capsys, 2, "not a gptcore checkpoint", args=["eval", "--ckpt", foreign])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a zip file at all")
+    assert_error(capsys, 2, "cannot be read", args=["sample", "--ckpt", garbage])
+
+
+def test_truncated_checkpoint_and_prompt_outside_vocabulary(tmp_path, corpus):
+    """As a user would meet them: real processes on a real, then damaged, checkpoint."""
+    run_dir = tmp_path / "run"
+    assert run_gptcore("train", "--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}",
+                       "train.max_iters=5", "train.sample_tokens=0").returncode == 0
+    ckpt = run_dir / "ckpt.pt"
+    assert_one_line_error(run_gptcore("sample", "--ckpt", ckpt, "--prompt", "Zebra\u00e9"), 2, "never saw")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    assert_one_line_error(run_gptcore("sample", "--ckpt", truncated), 2, "cannot be read", "truncated")
+    assert_one_line_error(run_gptcore("train", "--config", "tiny", f"data.path={corpus}",
+                                      f"out_dir={tmp_path / 'r2'}", "model.n_head=3"), 2, "divisible")
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert_error(capsys, 2, "invalid choice", args=["frobnicate"])
+    assert_error(capsys, 2, "--ckpt", args=["sample"])

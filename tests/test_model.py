@@ -1,0 +1,61 @@
+"""The model: shapes, parameter count, and KV-cache generation equal to full recomputation."""
+
+import torch
+
+from gptcore.config import ModelConfig
+from gptcore.model import GPT
+
+
+def tiny_model(block_size=16, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, dropout=0.0,
+                           vocab_size=11)).eval()
+
+
+def test_loss_at_init_is_near_uniform():
+    model = tiny_model()
+    x, y = torch.randint(0, 11, (2, 4, 16))
+    logits, loss = model(x, y)
+    assert logits.shape == (4, 16, 11)
+    assert abs(loss.item() - torch.log(torch.tensor(11.0)).item()) < 0.2
+
+
+def test_head_is_tied_and_no_mask_buffers_are_saved():
+    model = tiny_model()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert not list(model.buffers())
+    assert all(not key.endswith(".bias") or "ln" not in key for key in model.state_dict())
+
+
+def test_seed_shape_parameter_count_and_flops():
+    model = GPT(ModelConfig(n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=84))
+    per_layer = 12 * 512 * 512 + 2 * 512  # attention + MLP matrices, two LayerNorm weights
+    assert model.num_params() == 8 * per_layer + 84 * 512 + 512
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 8 * 512 * 512
+
+
+def test_kv_cache_generation_equals_full_recomputation():
+    """Past block_size the window slides: the cached path must still pick the same tokens."""
+    model = tiny_model(block_size=16, seed=1)
+    prompt = torch.tensor([[1, 2, 3]])
+    for temperature, top_k in ((1.0, None), (0.8, 5), (0.0, None)):
+        outs = []
+        for use_cache in (True, False):
+            generator = torch.Generator().manual_seed(7)
+            outs.append(model.generate(prompt, 60, temperature=temperature, top_k=top_k,
+                                       generator=generator, use_cache=use_cache))
+        assert outs[0].shape == (1, 63)
+        assert torch.equal(outs[0], outs[1]), (temperature, top_k)
+
+
+def test_cached_logits_match_uncached_logits():
+    model = tiny_model(block_size=16, seed=2)
+    idx = torch.randint(0, 11, (2, 10))
+    full, _ = model(idx)
+    cache = model.new_cache(2, idx.device, torch.float32)
+    model(idx[:, :6], cache=cache)
+    for t in range(6, 10):
+        step, _ = model(idx[:, t:t + 1], cache=cache)
+        reference, _ = model(idx[:, :t + 1])
+        torch.testing.assert_close(step[:, -1], reference[:, -1], rtol=1e-5, atol=1e-5)
+    assert full.shape == (2, 1, 11)

@@ -1,0 +1,98 @@
+"""Training from the command line, as a user runs it: train, resume, sample, eval."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, assert_one_line_error, run_gptcore
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    result = run_gptcore("train", "--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_train_writes_run_dir_progress_and_a_sample(trained):
+    run_dir, result = trained
+    assert {"ckpt.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in run_dir.iterdir()}
+    out = result.stdout
+    assert "world_size=1" in out
+    assert "step 20/20 | loss" in out and "tok/s | ETA" in out and "ms/step" in out
+    assert "eval step 20: train" in out and "bits/char" in out
+    assert "--- sample (40 tokens" in out
+    records = metrics(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
+    assert all(set(r["phases_ms"]) >= {"data", "forward", "backward", "optimizer"} for r in records if "loss" in r)
+    assert records[-1]["eval"] and records[-1]["val_loss"] < 3.5  # learned something from log(vocab) ~ 3.3+
+
+
+def test_sample_and_eval_from_the_checkpoint(trained):
+    run_dir, _ = trained
+    ckpt = run_dir / "ckpt.pt"
+    first = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30", "--seed", "3")
+    second = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30", "--seed", "3")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("The king")
+    assert len(first.stdout.rstrip("\n")) == len("The king") + 30
+    assert "tokens/s" in first.stderr and "KV cache" in first.stderr
+    evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["val_bpc"] == pytest.approx(result["val_loss"] / 0.6931471805599453)
+    assert 0 < result["val_loss"] < 3.5
+
+
+def test_resume_is_bit_identical_to_training_straight_through(tmp_path, corpus):
+    common = ["--config", "tiny", f"data.path={corpus}", "train.max_iters=30", "model.dropout=0.1",
+              "train.sample_tokens=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_gptcore("train", *common, f"out_dir={straight}").returncode == 0
+    first = run_gptcore("train", *common, f"out_dir={split}", "train.stop_at=15")
+    assert first.returncode == 0, first.stderr
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 15
+    second = run_gptcore("train", *common, f"out_dir={split}", "resume=auto")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "at step 15" in second.stdout
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(split / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 30
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert losses(straight) == losses(split)
+
+
+def test_an_existing_run_is_not_overwritten(trained):
+    run_dir, _ = trained
+    before = (run_dir / "ckpt.pt").read_bytes()
+    result = run_gptcore("train", "--config", "tiny", f"out_dir={run_dir}", f"data.path={run_dir}/data")
+    assert_one_line_error(result, 2, "already exists", "resume=auto")
+    assert (run_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    run_dir = tmp_path / "nan"
+    common = ["--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}", "train.sample_tokens=0"]
+    assert run_gptcore("train", *common, "train.stop_at=10").returncode == 0
+    good = (run_dir / "ckpt.pt").read_bytes()
+    result = run_gptcore("train", *common, "resume=auto", "train.lr=1e30", "train.grad_clip=0")
+    assert_one_line_error(result, 1, "NaN/inf", "step 10")
+    assert (run_dir / "ckpt.pt").read_bytes() == good
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_tiny_shakespeare_run(tmp_path):
+    result = run_gptcore("train", "--config", "tiny", f"data.path={SHARED_DATA}", f"out_dir={tmp_path / 't'}")
+    assert result.returncode == 0, result.stderr
+    assert "vocab 65 chars" in result.stdout
