@@ -122,8 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--mode", required=True, choices=["int8", "int4", "bf16"])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--out", required=True)
+    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale along the input")
+    p.add_argument("--out", required=True, help="quantized checkpoint; the report goes beside it as .json")
+    p.add_argument("--data", default=None, help="text to evaluate on (default: the training data)")
+    p.add_argument("--eval-batches", type=int, default=20, help="fixed val batches for the loss report; 0 skips")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bench-tokens", type=int, default=200, help="new tokens for the CPU decode speed; 0 skips")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the decode speed")
     p.set_defaults(func=cmd_quantize)
     return parser
 

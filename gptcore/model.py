@@ -165,7 +165,8 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(idx[:, start:])
             elif cache is None:
-                cache = self.new_cache(idx.size(0), idx.device, self.transformer.wte.weight.dtype)
+                # ln_f keeps the activation dtype even when the matrices are stored quantized.
+                cache = self.new_cache(idx.size(0), idx.device, self.transformer.ln_f.weight.dtype)
                 logits, _ = self(idx[:, start:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

@@ -1,0 +1,131 @@
+"""Quantization as a user runs it: train a tiny model, quantize it, sample and evaluate the result,
+and get one clear error for a damaged file or a wrong group size."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_gptcore
+from gptcore.config import load_config
+from gptcore.model import GPT
+from gptcore.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint,
+                              quantize_int4, quantize_int8, quantized_checkpoint, serialized_size)
+
+REPORT_FLAGS = ("--eval-batches", "4", "--bench-tokens", "20")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("quant") / "tiny"
+    # Long enough (a few seconds) for the loss to be well below uniform, so its change means something.
+    result = run_gptcore("train", "--config", "tiny", f"data.path={corpus}", f"out_dir={out}", "train.max_iters=300",
+                         "train.eval_interval=300", "train.sample_tokens=0")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(run_dir):
+    """mode -> (checkpoint, report) for int8, int4 (group 32: tiny's n_embd is 32) and bf16."""
+    made = {}
+    for mode, group in (("int8", "64"), ("int4", "32"), ("bf16", "64")):
+        out = run_dir / f"ckpt_{mode}.pt"
+        result = run_gptcore("quantize", "--ckpt", run_dir / "ckpt.pt", "--mode", mode, "--group-size", group,
+                             "--out", out, *REPORT_FLAGS)
+        assert result.returncode == 0, result.stderr
+        assert f"wrote {out}" in result.stdout and "bits/char" in result.stdout and "tokens/s" in result.stdout
+        made[mode] = out, json.loads(out.with_suffix(".json").read_text())
+    return made
+
+
+def test_seed_shape_int8_and_int4_files_are_a_quarter_and_a_sixth_of_fp32():
+    config = load_config("seed", [])
+    config.model.vocab_size = 65
+    model = GPT(config.model)
+    state = {"model": model.state_dict(), "config": config.to_dict(), "vocab": [chr(32 + i) for i in range(65)]}
+    fp32 = serialized_size(fp32_model_checkpoint(state))
+    assert fp32 > 4 * model.num_params()
+    assert serialized_size(quantized_checkpoint(state, "int8", 64)) <= 0.27 * fp32
+    assert serialized_size(quantized_checkpoint(state, "int4", 64)) <= 0.16 * fp32
+
+
+def test_report_compares_size_loss_and_speed_on_the_same_batches(quantized):
+    bounds = {"int8": 1.0, "int4": 3.0, "bf16": 1.0}  # % loss change allowed (measured: < 0.1% each)
+    for mode, (ckpt, report) in quantized.items():
+        assert report["mode"] == mode and report["size_bytes"][mode] == ckpt.stat().st_size
+        assert report["size_ratio"] < (0.55 if mode == "bf16" else 0.45), (mode, report["size_bytes"])
+        evaluation = report["eval"]
+        assert evaluation["batches"] == 4 and evaluation["fp32"]["val_loss"] < 2.5
+        assert abs(evaluation["loss_change_pct"]) < bounds[mode], (mode, evaluation)
+        assert evaluation[mode]["val_bpc"] == pytest.approx(evaluation[mode]["val_loss"] / 0.6931471805599453)
+        decode = report["decode"]
+        assert decode["threads"] == 1 and decode["kv_cache"] and decode[f"{mode}_tokens_per_s"] > 0
+
+
+def test_sample_and_eval_take_quantized_checkpoints(quantized):
+    for mode, (ckpt, report) in quantized.items():
+        sampled = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30")
+        assert sampled.returncode == 0, sampled.stderr
+        assert sampled.stdout.startswith("The king") and len(sampled.stdout.rstrip("\n")) == len("The king") + 30
+        assert f"{mode}, KV cache" in sampled.stderr
+        evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
+        assert evaluated.returncode == 0, evaluated.stderr
+        result = json.loads(evaluated.stdout)
+        assert result["model"] == mode
+        assert result["val_loss"] == pytest.approx(report["eval"][mode]["val_loss"], rel=1e-5)
+
+
+def test_int8_greedy_text_follows_fp32(run_dir, quantized):
+    texts = [run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The ", "--tokens", "40", "--temperature", "0").stdout
+             for ckpt in (run_dir / "ckpt.pt", quantized["int8"][0])]
+    same = sum(a == b for a, b in zip(*texts))
+    assert len(texts[1]) == len(texts[0]) and same >= 0.75 * len(texts[0]), texts
+
+
+def tampered(source, target, change):
+    state = torch.load(source, weights_only=True)
+    change(state)
+    torch.save(state, target)
+    return target
+
+
+def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path):
+    source = quantized["int8"][0]
+    scales = "transformer.h.0.attn.c_attn.weight.scales"
+    cases = {
+        "mode": (lambda s: s.update(mode="int4", group_size=32), "tensors missing for mode int4"),
+        "shape": (lambda s: s["model"].update({scales: s["model"][scales][:-1]}), scales),
+        "missing": (lambda s: s["model"].pop("transformer.wpe.weight.int8"), "transformer.wpe.weight.int8"),
+        "header": (lambda s: s.pop("group_size"), "group_size"),
+    }
+    for name, (change, fragment) in cases.items():
+        broken = tampered(source, tmp_path / f"{name}.pt", change)
+        assert_one_line_error(run_gptcore("sample", "--ckpt", broken, "--tokens", "5"), 2, str(broken), fragment)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    assert_one_line_error(run_gptcore("eval", "--ckpt", truncated), 2, str(truncated), "cannot be read")
+
+
+def test_a_wrong_group_size_is_one_clear_error(run_dir, tmp_path):
+    for group, fragment in (("0", "must be a positive"), ("64", "does not divide n_embd 32"), ("48", "use 32")):
+        result = run_gptcore("quantize", "--ckpt", run_dir / "ckpt.pt", "--mode", "int4", "--group-size", group,
+                             "--out", tmp_path / "q.pt")
+        assert_one_line_error(result, 2, "--group-size", fragment)
+        assert not (tmp_path / "q.pt").exists()
+
+
+def test_kernels_compute_what_the_stored_numbers_say():
+    """Round-trip error within half a quantization step, and each kernel's output equal to a
+    float matmul with the dequantized weight (up to the bf16 rounding of the activations)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 128) * 0.02, torch.randn(2, 3, 128)
+    q, scales = quantize_int8(weight)
+    int8 = dequantize_int8(q, scales)
+    assert ((int8 - weight).abs() <= scales.float()[:, None] / 2 + 1e-7).all()
+    packed, scales4, zeros = quantize_int4(weight, 32)
+    int4 = dequantize_int4(packed, scales4, zeros)
+    step = scales4.float().repeat_interleave(32, dim=1)
+    assert packed.shape == (96, 64) and ((int4 - weight).abs() <= step / 2 + 1e-6).all()
+    for layer, reference in ((Int8Linear(q, scales), int8), (Int4Linear(packed, scales4, zeros), int4)):
+        torch.testing.assert_close(layer(x), x @ reference.T, rtol=0.02, atol=2e-3)
