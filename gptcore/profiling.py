@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gptcore.checkpoint import atomic_write_bytes
+
 STEP_PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -97,7 +99,7 @@ class LoopProfiler:
         tmp.replace(self.path)
         text = io.StringIO()
         pstats.Stats(str(self.path), stream=text).sort_stats("cumulative").print_stats(25)
-        self.path.with_suffix(".txt").write_text(text.getvalue(), encoding="utf-8")
+        atomic_write_bytes(self.path.with_suffix(".txt"), text.getvalue().encode("utf-8"))
 
 
 class TorchProfilerWindow:
@@ -127,5 +129,7 @@ class TorchProfilerWindow:
             return
         self.profiler.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.profiler.export_chrome_trace(str(self.path))
+        tmp = self.path.with_suffix(".json.tmp")
+        self.profiler.export_chrome_trace(str(tmp))
+        tmp.replace(self.path)
         self.profiler = None

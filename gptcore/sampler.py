@@ -8,6 +8,7 @@ launcher), and, where `nvidia-smi` exists, each GPU's utilization, memory, power
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,14 @@ def parse_nvidia_smi(text: str) -> list[dict]:
     return gpus
 
 
+def visible_gpus(gpus: list[dict], cuda_visible_devices: str | None) -> list[dict]:
+    """The job's own GPUs: nvidia-smi lists the whole node, CUDA_VISIBLE_DEVICES (set by Slurm's
+    --gpus) names ours. Kept whole when the variable is unset, not indices, or matches nothing."""
+    wanted = {int(part) for part in (cuda_visible_devices or "").split(",") if part.strip().isdigit()}
+    ours = [gpu for gpu in gpus if gpu["index"] in wanted]
+    return ours or gpus
+
+
 def query_gpus(executable: str) -> list[dict]:
     try:
         result = subprocess.run([executable, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
@@ -48,19 +57,52 @@ def query_gpus(executable: str) -> list[dict]:
     return parse_nvidia_smi(result.stdout) if result.returncode == 0 else []
 
 
-def training_processes() -> list[psutil.Process]:
-    """This process and the other ranks on this node: the children of our parent that run the
-    same program (srun/torchrun start the ranks as siblings)."""
+# Variables that srun, torchrun and submitit's local executor put in every rank's initial
+# environment, the same for all the ranks of one launch: they tell our siblings apart from other
+# programs started by the same parent.
+LAUNCH_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "MASTER_PORT", "SUBMITIT_LOCAL_JOB_ID")
+RANK_VARS = ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID")
+
+
+def launch_identity(environ: dict) -> tuple:
+    return tuple(environ.get(name) for name in LAUNCH_VARS)
+
+
+def rank_of(environ: dict) -> int | None:
+    value = next((environ[name] for name in RANK_VARS if name in environ), "")
+    return int(value) if value.isdigit() else None
+
+
+def training_processes(my_rank: int, world_size: int) -> list[tuple[int | None, psutil.Process]]:
+    """(rank, process) for this process and the other ranks on this node. srun and torchrun
+    start the ranks as children of one parent (slurmstepd, torchrun's agent, submitit's local
+    controller), all with the same command line and launch variables. Environments are read
+    from /proc, as each process started: submitit exports RANK later, inside the process."""
     me = psutil.Process()
+    found = [(my_rank, me)]
+    if world_size == 1:
+        return found
     try:
-        siblings = [p for p in me.parent().children() if p.cmdline()[:3] == me.cmdline()[:3]]
+        my_env = me.environ()
+    except psutil.Error:
+        return found
+    try:
+        siblings = [p for p in me.parent().children() if p.pid != me.pid]
     except (psutil.Error, AttributeError):
-        siblings = []
-    return [me] + [p for p in siblings if p.pid != me.pid]
+        return found
+    for process in siblings:
+        try:
+            env = process.environ()
+            if process.cmdline() == me.cmdline() and launch_identity(env) == launch_identity(my_env):
+                found.append((rank_of(env), process))
+        except psutil.Error:
+            continue
+    return sorted(found, key=lambda pair: (pair[0] is None, pair[0] or 0))
 
 
 class Sampler:
-    def __init__(self, out_dir: Path, node_rank: int, interval: float = 1.0):
+    def __init__(self, out_dir: Path, node_rank: int, interval: float = 1.0, world_size: int = 1):
+        self.node_rank, self.world_size = node_rank, world_size
         self.path = Path(out_dir) / f"node{node_rank}.jsonl"
         self.interval = interval
         self.stopping = threading.Event()
@@ -72,10 +114,7 @@ class Sampler:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.nvidia_smi:
             print("sampler: nvidia-smi not found, sampling CPU and memory only", flush=True)
-        self.processes = training_processes()
-        for process in self.processes:
-            process.cpu_percent(None)  # the first call only starts the measurement
-        psutil.cpu_percent(None)
+        self.processes = training_processes(self.node_rank, self.world_size)
         self.thread.start()
         return self
 
@@ -89,20 +128,29 @@ class Sampler:
             "mem_total_mib": memory.total / 2**20,
             "procs": [],
         }
-        for process in self.processes:
+        for rank, process in self.processes:
             try:
                 with process.oneshot():
-                    record["procs"].append({"pid": process.pid, "cpu_pct": process.cpu_percent(None),
+                    record["procs"].append({"rank": rank, "pid": process.pid, "cpu_pct": process.cpu_percent(None),
                                             "rss_mib": process.memory_info().rss / 2**20})
             except psutil.Error:
                 continue
         if self.nvidia_smi:
-            record["gpus"] = query_gpus(self.nvidia_smi)
+            record["gpus"] = visible_gpus(query_gpus(self.nvidia_smi), os.environ.get("CUDA_VISIBLE_DEVICES"))
         return record
 
     def _run(self) -> None:
+        # The first cpu_percent call only starts the measurement; psutil keeps the node-wide
+        # baseline per thread, so it must be taken in this one.
+        for _, process in self.processes:
+            process.cpu_percent(None)
+        psutil.cpu_percent(None)
+        # One last sample when stopped covers the tail, so even a run shorter than the interval
+        # has one.
         with open(self.path, "a", encoding="utf-8") as handle:
-            while not self.stopping.wait(self.interval):
+            stopped = False
+            while not stopped:
+                stopped = self.stopping.wait(self.interval)
                 handle.write(json.dumps(self.sample()) + "\n")
                 handle.flush()
 

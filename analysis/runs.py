@@ -1,0 +1,118 @@
+"""Reading a run directory: config.yaml, metrics.jsonl (steps, evals, all-reduce probes),
+samples/node*.jsonl, profile/rank*.prof."""
+
+from __future__ import annotations
+
+import json
+import pstats
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gptcore.config import Config, config_from_dict
+from gptcore.errors import UserInputError
+from gptcore.sampler import read_samples
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Config
+    world_size: int
+    steps: list[dict]  # step records, in order
+    evals: list[dict]
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # node file stem -> samples
+    profiles: list[Path] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)  # all-reduce probes, one per (re)start of a multi-rank run
+
+    @property
+    def nodes(self) -> int:
+        """Distinct hosts the ranks ran on, as the all-reduce probe counted them."""
+        return self.probes[-1]["nodes"] if self.probes else 1
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserInputError(f"{path}:{number} is not valid JSON; was the run killed while writing?") from None
+    return records
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    metrics, config_file = path / "metrics.jsonl", path / "config.yaml"
+    for needed in (config_file, metrics):
+        if not needed.is_file():
+            raise UserInputError(f"{path} is not a finished training run: {needed.name} is missing")
+    config = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+    records = read_jsonl(metrics)
+    steps = [r for r in records if not r.get("eval") and "ms_per_step" in r]
+    if not steps:
+        raise UserInputError(f"{metrics} has no step records; train for more than train.log_interval steps")
+    samples = {p.stem: read_samples(p) for p in sorted((path / "samples").glob("node*.jsonl"))}
+    return Run(path=path, config=config, world_size=int(steps[-1]["world_size"]), steps=steps,
+               evals=[r for r in records if r.get("eval")], samples=samples,
+               profiles=sorted((path / "profile").glob("rank*.prof"), key=lambda p: int(p.stem[4:])),
+               probes=[r for r in records if r.get("probe") == "allreduce"])
+
+
+def top_functions(stats: pstats.Stats, limit: int = 25, sort: str = "cumulative") -> list[dict]:
+    """The `limit` heaviest functions of a (merged) pstats profile, as plain records."""
+    column = {"cumulative": 3, "tottime": 2}[sort]
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][column], reverse=True)[:limit]
+    return [{"function": name, "file": file, "line": line, "calls": primitive, "tottime_s": tottime,
+             "cumtime_s": cumtime}
+            for (file, line, name), (primitive, _, tottime, cumtime, _) in rows]
+
+
+def merged_profile(paths: list[Path]) -> pstats.Stats | None:
+    """Every rank's cProfile added together: times are summed over ranks."""
+    return pstats.Stats(*map(str, paths)) if paths else None
+
+
+def summarize_samples(samples: list[dict]) -> dict:
+    """Medians and peaks of one node's sampler timeline."""
+    if not samples:
+        return {}
+    summary = {
+        "samples": len(samples),
+        "node_cpu_pct": statistics.median(s["cpu_pct"] for s in samples),
+        "node_mem_used_mib": max(s["mem_used_mib"] for s in samples),
+    }
+    ranks: dict[int, list[dict]] = {}
+    for sample in samples:
+        for proc in sample.get("procs", []):
+            ranks.setdefault(proc.get("rank"), []).append(proc)
+    summary["ranks"] = {str(rank): {"cpu_pct": statistics.median(p["cpu_pct"] for p in procs),
+                                    "rss_peak_mib": max(p["rss_mib"] for p in procs)}
+                        for rank, procs in sorted(ranks.items(), key=lambda item: str(item[0]))}
+    gpus: dict[int, list[dict]] = {}
+    for sample in samples:
+        for gpu in sample.get("gpus", []):
+            gpus.setdefault(gpu["index"], []).append(gpu)
+    if gpus:
+        summary["gpus"] = {str(index): {
+            "util_pct": statistics.median(g["util_pct"] for g in rows if g["util_pct"] is not None),
+            "mem_peak_mib": max(g["mem_used_mib"] or 0.0 for g in rows),
+            "mem_total_mib": max(g["mem_total_mib"] or 0.0 for g in rows),
+        } for index, rows in sorted(gpus.items()) if any(g["util_pct"] is not None for g in rows)}
+    return summary
+
+
+def gradient_bytes(config: Config) -> int:
+    """Bytes DDP all-reduces per step: one fp32 gradient per parameter (autocast keeps the
+    parameters, hence the gradients, in fp32). The model is built on the meta device: no memory."""
+    import torch
+
+    from gptcore.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config.model)
+    return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)

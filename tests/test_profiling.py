@@ -1,0 +1,76 @@
+"""Profiling a real 2-rank torchrun run: a cProfile per rank over the training loop only, phase
+timers in the metrics, a torch.profiler trace, and the hardware sampler finding both ranks."""
+
+import json
+import os
+import pstats
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.runs import merged_profile, top_functions
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("profiled") / "run"
+    # Only the venv's bin on PATH: no nvidia-smi, even on a machine that has one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gptcore", "train",
+         "--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}", "train.sample_tokens=0",
+         "profile.cprofile=true", "profile.torch=true", "profile.torch_start=2", "profile.torch_steps=2",
+         "profile.sampler=true", "profile.sampler_interval=0.2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result
+
+
+def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
+    run_dir, _ = profiled
+    files = sorted((run_dir / "profile").glob("rank*.prof"))
+    assert [f.name for f in files] == ["rank0.prof", "rank1.prof"]
+    for f in files:
+        assert pstats.Stats(str(f)).total_calls > 0
+        assert "_micro_steps" in f.with_suffix(".txt").read_text()
+    top = top_functions(merged_profile(files), 25)
+    names = {row["function"] for row in top}
+    assert {"_micro_steps", "backward", "forward"} <= names
+    # Profiling starts after set-up: no import machinery at the top, no evaluation, no sampling thread.
+    assert not any("importlib" in row["file"] for row in top)
+    assert not any(name in ("evaluate", "_run", "sample") for _, _, name in merged_profile(files).stats)
+
+
+def test_phases_are_timed_every_logged_step(profiled):
+    run_dir, _ = profiled
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if not r.get("eval")]
+    assert [r["step"] for r in steps] == [5, 10, 15, 20]
+    for record in steps:
+        phases = record["phases_ms"]
+        assert all(phases[name] > 0 for name in ("data", "forward", "backward", "optimizer"))
+        assert sum(phases[name] for name in ("data", "forward", "backward", "optimizer")) <= record["ms_per_step"]
+    # Eval and checkpoint at step 10 are reported once, in the next window.
+    assert steps[2]["phases_ms"]["eval"] > 0 and steps[2]["phases_ms"]["checkpoint"] > 0
+
+
+def test_torch_profiler_window_writes_a_chrome_trace_per_rank(profiled):
+    run_dir, _ = profiled
+    for rank in (0, 1):
+        trace = json.loads((run_dir / "profile" / f"trace_rank{rank}.json").read_text())
+        names = {event.get("name", "") for event in trace["traceEvents"]}
+        assert any("aten::" in name for name in names)
+
+
+def test_sampler_sees_both_ranks_and_says_once_that_there_is_no_nvidia_smi(profiled):
+    run_dir, result = profiled
+    assert (result.stdout + result.stderr).count("nvidia-smi not found") == 1
+    samples = [json.loads(line) for line in (run_dir / "samples" / "node0.jsonl").read_text().splitlines()]
+    assert samples
+    for sample in samples:
+        assert "gpus" not in sample and 0 <= sample["cpu_pct"] <= 100 and sample["mem_used_mib"] > 0
+        assert sorted(p["rank"] for p in sample["procs"]) == [0, 1]
+        assert all(p["rss_mib"] > 50 for p in sample["procs"])

@@ -1,0 +1,143 @@
+"""The scaling arithmetic and the parsers behind the sweep, the sampler and the report, on
+hand-made inputs whose answers can be worked out on paper."""
+
+import pytest
+
+from analysis import scaling
+from analysis.report import limits_paragraph
+from gptcore.errors import UserInputError
+from gptcore.sampler import parse_nvidia_smi, visible_gpus
+from gptcore.distributed import bus_bandwidth_gbps
+from launch.sweep import check_capacity, failure_line, gres_gpus, parse_sizes, run_name
+
+
+def test_strong_scaling_divides_one_steps_work():
+    # 100 ms on 1 rank, 30 ms on 4: 3.33x faster, 100 / (4 x 30) = 83% efficient.
+    assert scaling.speedup(100, 30, 4, "strong") == pytest.approx(100 / 30)
+    assert scaling.efficiency(100, 30, 4, "strong") == pytest.approx(100 / 120)
+
+
+def test_weak_scaling_keeps_per_rank_work():
+    # A 4-rank step does 4x the work: 125 ms against 100 ms is 80% efficient, 3.2x the tokens/s.
+    assert scaling.efficiency(100, 125, 4, "weak") == pytest.approx(0.8)
+    assert scaling.speedup(100, 125, 4, "weak") == pytest.approx(3.2)
+
+
+def test_efficiency_against_a_baseline_of_two_ranks():
+    assert scaling.efficiency(60, 40, 4, "strong", base_n=2) == pytest.approx(60 / (2 * 40))
+    assert scaling.speedup(60, 40, 4, "weak", base_n=2) == pytest.approx(2 * 60 / 40)
+
+
+def test_tokens_per_step_follow_the_meaning_of_batch_size():
+    assert scaling.tokens_per_step(8, 2, 32, world_size=4, scaling="strong") == 8 * 2 * 32
+    assert scaling.tokens_per_step(8, 2, 32, world_size=4, scaling="weak") == 4 * 8 * 2 * 32
+
+
+def step(n, ms, **phases):
+    return {"step": n, "loss": 1.0, "ms_per_step": ms, "world_size": 1,
+            "phases_ms": {"data": 1, "forward": 2, "backward": 3, "optimizer": 4, **phases}}
+
+
+def test_eval_and_checkpoint_time_leave_the_step_time():
+    records = [step(5, 50.0), {"step": 5, "eval": True, "val_loss": 2.0}, step(10, 30.0, eval=40.0, checkpoint=60.0)]
+    # The window 5..10 (5 steps) held 100 ms of eval and checkpoint: 20 ms per step come off.
+    assert scaling.train_ms(records) == [(5, 50.0), (10, 10.0)]
+    assert scaling.total_phase_ms(records, "checkpoint") == 60.0
+
+
+def test_steady_state_is_the_median_after_warm_up():
+    records = [step(10, 900.0)] + [step(n, ms) for n, ms in ((20, 12.0), (30, 10.0), (40, 11.0), (100, 13.0))]
+    # The first window goes (allocations, first calls); so does step 10 as 10% of 100.
+    assert scaling.steady_step_ms(records) == 11.5
+    assert scaling.steady_phases_ms(records) == {"data": 1, "forward": 2, "backward": 3, "optimizer": 4}
+
+
+def test_backward_excess_estimates_communication():
+    one = {"data": 1.0, "forward": 8.0, "backward": 16.0, "optimizer": 2.0}
+    four = {"data": 1.0, "forward": 2.0, "backward": 9.0, "optimizer": 2.0}
+    strong = scaling.excess_ms(one, four, 1, 4, "strong")
+    # Strong: each rank has 1/4 of the rows, so backward should be 4 ms: 5 ms are the all-reduce.
+    assert strong["backward"] == pytest.approx(5.0)
+    assert strong["optimizer"] == pytest.approx(1.5)  # replicated on every rank: does not shrink
+    weak = scaling.excess_ms(one, {**one, "backward": 21.0}, 1, 4, "weak")
+    assert weak["backward"] == pytest.approx(5.0) and weak["forward"] == 0.0
+
+
+def test_ring_allreduce_moves_two_n_minus_one_over_n_of_the_bytes():
+    link = scaling.Link("test", gbytes_per_s=100.0, latency_us=0.0, max_gpus=64)
+    # 2 x 3/4 x 1 GB / 100 GB/s = 15 ms.
+    assert scaling.ring_allreduce_ms(1e9, 4, link) == pytest.approx(15.0)
+    assert scaling.ring_allreduce_ms(1e9, 1, link) == 0.0
+    slow = scaling.Link("test", gbytes_per_s=100.0, latency_us=10.0, max_gpus=64)
+    assert scaling.ring_allreduce_ms(1e9, 4, slow) == pytest.approx(15.0 + 6 * 0.010)
+
+
+def test_projection_brackets_overlap():
+    link = scaling.Link("test", gbytes_per_s=100.0, latency_us=0.0, max_gpus=64)
+    # Weak scaling, 40 ms compute of which 10 ms backward; the all-reduce takes 15 ms at 4 GPUs.
+    low, high = scaling.projected_efficiency(40.0, 10.0, 1e9, 4, link, "weak")
+    assert low == pytest.approx(40 / 55) and high == pytest.approx(40 / 45)
+
+
+def test_limits_name_the_biggest_excess():
+    report = {"runs": [
+        {"world_size": 1, "step_ms": 40.0, "ideal_step_ms": 40.0, "efficiency": 1.0, "scaling": "strong",
+         "samples": {}},
+        {"world_size": 4, "step_ms": 20.0, "ideal_step_ms": 10.0, "efficiency": 0.5, "scaling": "strong",
+         "excess_ms": {"backward": 8.0, "optimizer": 2.0, "forward": -0.5}, "samples": {"node0": {"node_cpu_pct": 97.0}}},
+    ]}
+    text = limits_paragraph(report)
+    assert "efficiency of 50%" in text
+    assert text.index("gradient all-reduce") < text.index("optimizer step")
+    assert "+8.0 ms (80% of the time added" in text and "97% busy" in text
+
+
+def test_nvidia_smi_rows_and_the_jobs_own_gpus():
+    gpus = parse_nvidia_smi("0, 87, 31245, 81559, 312.45, 64\n1, 3, 2, 81559, [N/A], 41\nWARNING: noise\n")
+    assert [g["index"] for g in gpus] == [0, 1]
+    assert gpus[0]["util_pct"] == 87.0 and gpus[1]["power_w"] is None
+    assert [g["index"] for g in visible_gpus(gpus, "1")] == [1]
+    assert len(visible_gpus(gpus, None)) == len(visible_gpus(gpus, "GPU-5c1e0f")) == 2
+
+
+def test_gpu_lists_and_partition_capacity():
+    assert parse_sizes("4, 1,2") == [1, 2, 4]
+    for bad in ("0", "a,b", "1,,2", "2,2"):
+        with pytest.raises(UserInputError):
+            parse_sizes(bad)
+    assert [gres_gpus(g) for g in ("gpu:4", "gpu:a100:8(S:0-1)", "gpu:2,mps:200", "(null)")] == [4, 8, 2, 0]
+    check_capacity([1, 2, 4], 1, "debug", [(8, 4)])
+    with pytest.raises(UserInputError, match="at most 4 GPUs per node"):
+        check_capacity([1, 8], 1, "debug", [(8, 4)])
+    with pytest.raises(UserInputError, match="no GPUs"):
+        check_capacity([1], 1, "cpu", [(8, 0)])
+    with pytest.raises(UserInputError, match="more than partition debug's 1 node"):
+        check_capacity([1], 2, "debug", [(8, 4)])
+
+
+def test_one_line_out_of_submitits_errors():
+    failed = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent "
+              "call last):\n  File \"x\", line 1\nRuntimeError: Connection closed by peer\n----------------------\n"
+              "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /a.err\n  - /a.out")
+    assert failure_line(failed) == "RuntimeError: Connection closed by peer"
+    cancelled = ("Job 12 (task: 0) with path /x/12_0_result.pkl\nhas not produced any output (state: CANCELLED by 0)\n"
+                 "Error stream produced:\n" + "-" * 40 + "\nslurmstepd: error: *** JOB 12 CANCELLED ***")
+    assert failure_line(cancelled) == "ended without a result (state: CANCELLED by 0)"
+
+
+def test_node_lists_and_run_names_show_both_axes():
+    assert parse_sizes("2,1", "--nodes") == [1, 2]
+    with pytest.raises(UserInputError, match="^--nodes '1,1' repeats"):
+        parse_sizes("1,1", "--nodes")
+    # 2 ranks are 1 node x 2 GPUs or 2 nodes x 1 GPU: the names must tell them apart.
+    assert [run_name(n, g, True) for n, g in ((1, 2), (2, 1), (2, 2))] == ["n2-1x2", "n2-2x1", "n4-2x2"]
+    assert run_name(1, 4, False) == "n4"
+
+
+def test_probe_bus_bandwidth_and_the_measured_link():
+    # 4 MiB over 4 ranks in 10 ms: each rank sends 2 x 3/4 x 4 MiB = 6 MiB, 0.629 GB/s.
+    assert bus_bandwidth_gbps(4 * 2**20, 0.010, 4) == pytest.approx(1.5 * 4 * 2**20 / 0.010 / 1e9)
+    link = scaling.measured_link({"busbw_gbps": 0.5, "latency_us": 600.0, "world_size": 4, "nodes": 2})
+    assert (link.gbytes_per_s, link.latency_us) == (0.5, 100.0)  # 600 us over 2 x 3 hops
+    # The model gives the probe's own all-reduce back: 6 MiB at 0.5 GB/s plus 6 hops.
+    assert scaling.ring_allreduce_ms(4 * 2**20, 4, link) == pytest.approx(1000 * 1.5 * 4 * 2**20 / 0.5e9 + 0.6)

@@ -1,0 +1,202 @@
+"""`python launch/sweep.py`: the same training at several sizes, then the scaling report. Local
+processes (no Slurm needed) and the local Slurm cluster (skipped when it is not up). A fake
+nvidia-smi on PATH stands in for the GPUs this machine lacks."""
+
+import json
+import os
+import pstats
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, assert_one_line_error
+from launch.submit import slurm_answers
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu
+echo "0, 87, 31245, 81559, 312.45, 64"
+echo "1, 85, 31102, 81559, 305.10, 63"
+echo "2, 90, 31190, 81559, 318.77, 66"
+echo "3, 12, 2, 81559, [N/A], 41"
+"""
+TRAIN = ["--config", "tiny", "train.max_iters=40", "train.sample_tokens=0", "profile.sampler_interval=0.25"]
+
+
+@pytest.fixture
+def fake_gpus(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def sweep_command(*args) -> list[str]:
+    return [sys.executable, "launch/sweep.py", *map(str, args)]
+
+
+def sweep(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def report_rows(report_md: Path) -> list[list[str]]:
+    """The cells of the Scaling table."""
+    section = report_md.read_text().split("## Scaling")[1].split("##")[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ranks")]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def recomputed_step_ms(records: list[dict]) -> float:
+    """The report's definition, worked out again here: median of the logged windows after the
+    first one and the first 10% of steps, less each window's eval and checkpoint time."""
+    steps = [r for r in records if "ms_per_step" in r]
+    rows, previous = [], None
+    for r in steps:
+        extra = r["phases_ms"].get("eval", 0.0) + r["phases_ms"].get("checkpoint", 0.0)
+        ms = r["ms_per_step"] - (extra / (r["step"] - previous) if previous is not None else 0.0)
+        rows.append((r["step"], ms))
+        previous = r["step"]
+    cutoff = max(steps[0]["step"], 0.1 * steps[-1]["step"])
+    return statistics.median(ms for step, ms in rows if step > cutoff)
+
+
+def test_bad_gpu_lists_fail_in_one_line_before_anything_is_submitted(tmp_path):
+    out = tmp_path / "sweep"
+    assert_one_line_error(sweep("--gpus", "0", "--out", out), 2, "--gpus '0'")
+    assert_one_line_error(sweep("--gpus", "a,b", "--out", out), 2, "--gpus 'a,b'")
+    assert_one_line_error(sweep("--gpus", "1,3", "--config", "tiny", "--executor", "local", "--out", out),
+                          2, "train.batch_size=8", "3 ranks")
+    assert not out.exists()
+    assert_one_line_error(subprocess.run([sys.executable, "-m", "analysis.report", tmp_path, "--out", out], cwd=REPO,
+                                         capture_output=True, text=True, timeout=60), 2, "not a finished training run")
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2", "--executor", "local", "--dry-run", "--out", out, *TRAIN)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "would submit 2 job(s) (local processes, --time 60 min):"
+    assert lines[1].startswith("  sweep-n1: 1 GPU(s) x 1 node(s) = 1 rank(s): gptcore train --config tiny")
+    assert f"out_dir={out}/n2" in lines[2] and "profile.cprofile=true" in lines[2]
+    assert lines[-1] == f"report: {out}/report/report.md"
+    assert not out.exists()
+
+
+def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_gpus):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
+                   env=fake_gpus)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == f"report: {out}/report/report.md"
+    assert "sweep-n2" in result.stdout and "40/40" in result.stdout  # the status table
+    rows = report_rows(out / "report" / "report.md")
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert rows[0][3] == "1.00x" and rows[0][5] == "100%"
+    samples = [json.loads(line) for line in (out / "n2" / "samples" / "node0.jsonl").read_text().splitlines()]
+    assert all(sample["gpus"][0]["util_pct"] == 87.0 for sample in samples)
+    assert "gpu0 87% / 31,245 of 81,559 MiB" in (out / "report" / "report.md").read_text()
+
+    # The same report straight from the run directories.
+    again = subprocess.run([sys.executable, "-m", "analysis.report", out / "n1", out / "n2", "--out", tmp_path / "again"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "again" / "report.md"), again.stderr
+    assert report_rows(tmp_path / "again" / "report.md") == rows
+
+
+def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path, corpus):
+    out = tmp_path / "sweep"
+    process = subprocess.Popen(
+        sweep_command("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}",
+                      "train.timeout_s=20", *TRAIN, "train.max_iters=1000", "train.eval_interval=500"),
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        # Local sizes run one at a time. Once the 2-rank run has its directory (its ranks have met),
+        # find its rank 1 among the children of submitit's controller, whose pid is the job id and
+        # names the job's log folder, and kill it as an out-of-memory killer would.
+        deadline, victim = time.monotonic() + 120, None
+        while victim is None and time.monotonic() < deadline and process.poll() is None:
+            jobs = sorted((out / "submitit").glob("[0-9]*"), key=lambda p: p.stat().st_mtime)
+            if (out / "n2").exists() and jobs:
+                tasks = psutil.Process(int(jobs[-1].name)).children()
+                victim = next((t for t in tasks if t.environ().get("SUBMITIT_LOCAL_GLOBALID") == "1"), None)
+            time.sleep(0.2)
+        assert victim is not None, "the 2-rank job never started"
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stdout + stderr
+    assert "sweep: job sweep-n2" in stderr and "failed" in stderr and "last lines of its log" in stderr
+    assert stdout.splitlines()[-1] == f"report: {out}/report/report.md"
+    assert [row[0] for row in report_rows(out / "report" / "report.md")] == ["1"]
+
+
+slurm = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
+
+
+@slurm
+def test_slurm_refuses_more_gpus_than_the_partition_has_and_plans_the_quantize_chain(tmp_path):
+    out = tmp_path / "sweep"
+    assert_one_line_error(sweep("--gpus", "1,64", "--config", "tiny", "--executor", "slurm", "--out", out),
+                          2, "--gpus 64", "GPUs per node")
+    result = sweep("--gpus", "1,2", "--config", "tiny", "--executor", "slurm", "--quantize", "--dry-run", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"sbatch --dependency=afterok:<sweep-n1 job> --export=ALL,RUN_DIR={out}/n1 slurm/quantize.sbatch" \
+        in result.stdout
+    assert not out.exists()
+
+
+@slurm
+def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2,4", "--executor", "slurm", "--timeout-min", 5, "--out", out,
+                   f"data.path={corpus}", *TRAIN, env=fake_gpus, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report_dir = out / "report"
+    assert result.stdout.splitlines()[-1] == f"report: {report_dir}/report.md"
+    rows = report_rows(report_dir / "report.md")
+    assert [row[0] for row in rows] == ["1", "2", "4"]
+    for name in ("speedup", "efficiency", "phases", "loss", "utilization"):
+        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The report's numbers are the runs' own: recompute the 2-rank row from its metrics.jsonl.
+    report = json.loads((report_dir / "report.json").read_text())
+    one, two = (next(r for r in report["runs"] if r["world_size"] == n) for n in (1, 2))
+    step_ms_1, step_ms_2 = recomputed_step_ms(metrics(out / "n1")), recomputed_step_ms(metrics(out / "n2"))
+    assert two["step_ms"] == pytest.approx(step_ms_2)
+    assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
+    assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
+    assert rows[1][1] == f"{step_ms_2:.2f}"
+    assert one["final_loss"] == pytest.approx(metrics(out / "n1")[-2]["loss"])
+
+    # Every rank profiled; the merged top list is the training step, not imports.
+    four = next(r for r in report["runs"] if r["world_size"] == 4)
+    profiles = sorted((out / "n4" / "profile").glob("rank*.prof"))
+    assert len(profiles) == four["profile_ranks"] == 4
+    assert all(pstats.Stats(str(p)).total_calls > 0 for p in profiles)
+    assert "_micro_steps" in {f["function"] for f in four["profile_top"]}
+    assert not any("importlib" in f["file"] for f in four["profile_top"])
+
+    # Slurm gave each job its own GPUs (CUDA_VISIBLE_DEVICES): only those are sampled and reported.
+    fake_util = {"0": 87.0, "1": 85.0, "2": 90.0, "3": 12.0}
+    for run in report["runs"]:
+        gpus = run["samples"]["node0"]["gpus"]
+        assert len(gpus) == run["world_size"]
+        assert all(gpu["util_pct"] == fake_util[index] for index, gpu in gpus.items())
+        assert sorted(run["samples"]["node0"]["ranks"]) == [str(rank) for rank in range(run["world_size"])]
+    index, gpu = sorted(two["samples"]["node0"]["gpus"].items())[0]
+    assert f"gpu{index} {gpu['util_pct']:.0f}% / {gpu['mem_peak_mib']:,.0f} of 81,559 MiB" in \
+        (report_dir / "report.md").read_text()
