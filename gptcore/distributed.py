@@ -13,7 +13,9 @@ torch.cuda.is_available(), never CUDA_VISIBLE_DEVICES: a CPU node under Slurm ca
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +32,7 @@ class RankContract:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    launcher: str = "single"  # single | torchrun | srun
+    launcher: str = "single"  # single | torchrun | submitit | srun
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +69,9 @@ def read_contract(env=os.environ) -> RankContract:
             rank=number("RANK"), world_size=number("WORLD_SIZE"),
             local_rank=number("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)), launcher="torchrun")
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            # submitit's TorchDistributedEnvironment().export() writes the same variables
+            launcher="submitit" if "SUBMITIT_EXECUTOR" in env else "torchrun")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script that runs python
     # directly is one process even when the job has several tasks.
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and number("SLURM_STEP_NUM_TASKS") > 1:
@@ -130,9 +134,59 @@ def gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
+def bus_bandwidth_gbps(nbytes: float, seconds: float, world_size: int) -> float:
+    """Ring all-reduce bus bandwidth in GB/s (1e9 bytes per second): each rank sends
+    2(n-1)/n x nbytes, so the figure is comparable across rank counts (as in nccl-tests)."""
+    return 2 * (world_size - 1) / world_size * nbytes / seconds / 1e9
+
+
+def _timed_all_reduce(tensor: torch.Tensor, iters: int) -> float:
+    """Seconds per all_reduce of tensor, as the slowest rank saw it."""
+    for _ in range(2):  # warm-up: gloo/NCCL set up their buffers and connections on first use
+        dist.all_reduce(tensor)
+    barrier()
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(tensor)
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=tensor.device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return seconds.item()
+
+
+def probe_allreduce(device: torch.device, megabytes: float = 4, iters: int = 5) -> dict:
+    """Time all_reduce of a fixed float32 tensor over the process group: bus bandwidth from a
+    large tensor, latency from a one-element one. Collective: every rank must call it."""
+    if not is_initialized():
+        raise RuntimeError("probe_allreduce needs an initialized process group")
+    world_size = dist.get_world_size()
+    large = torch.ones(int(megabytes * 2**20) // 4, dtype=torch.float32, device=device)
+    seconds = _timed_all_reduce(large, iters)
+    latency = _timed_all_reduce(torch.ones(1, dtype=torch.float32, device=device), iters)
+    hosts = [None] * world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    nbytes = large.numel() * 4
+    return {"bytes": nbytes, "seconds": seconds, "busbw_gbps": bus_bandwidth_gbps(nbytes, seconds, world_size),
+            "latency_us": 1e6 * latency, "world_size": world_size, "nodes": len(set(hosts))}
+
+
+# The last barrier's work, kept alive on purpose: see barrier().
+_last_barrier = None
+
+
 def barrier() -> None:
+    """Wait for every rank. Gloo's barrier holds on to the collectives still in flight when it was
+    issued, and whichever thread drops the last reference frees their Python tensors, which needs
+    the GIL. Dropped by gloo's worker thread, that free can deadlock against the main thread
+    tearing the group down, or abort the process (`terminate called without an active
+    exception`) at interpreter exit. Keeping the work here makes the main thread free it."""
+    global _last_barrier
     if is_initialized():
-        dist.barrier()
+        _last_barrier = dist.barrier(async_op=True)
+        _last_barrier.wait()
 
 
 def shutdown() -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -82,24 +83,27 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1 (Slurm's `--signal=USR1@N` warning before the time limit or a preemption);
-    the loop checkpoints at the next step boundary."""
+    """Set by SIGUSR1 (Slurm's `--signal=USR1@N` warning before the time limit or a preemption)
+    or SIGUSR2 (submitit's); the loop checkpoints at the next step boundary. The previous
+    handlers come back afterwards, so a launcher's own handler (submitit's requeue) still runs."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
     def __init__(self):
         self.raised = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
-        if hasattr(signal, "SIGUSR1"):
-            self.previous = signal.signal(signal.SIGUSR1, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR1, self.previous)
+        for sig, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def requeue_slurm_job() -> bool:
@@ -178,6 +182,10 @@ class Trainer:
         resume_state = self._check_out_dir()
         self.device = distributed.choose_device(contract, t.device)
         distributed.init_process_group(contract, self.device, t.timeout_s)
+        if contract.world_size > 1:  # every rank, so a multi-node log shows where each one ran
+            print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}", flush=True)
+        # Here, not in the loop: the measured link feeds the scaling report's all-reduce model.
+        self.probe = distributed.probe_allreduce(self.device) if contract.world_size > 1 else None
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             data_dir = resolve_data(config.data.path, config.data.clean, self.out_dir / "data")
@@ -299,6 +307,11 @@ class Trainer:
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, "
                  f"global batch {self.global_batch * t.grad_accum} x {config.model.block_size} tokens")
         metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.is_main)
+        if self.probe:
+            metrics.write({"probe": "allreduce", **self.probe, "time": time.time()})
+            self.log(f"all-reduce probe: {self.probe['bytes'] / 2**20:.0f} MiB over {self.probe['nodes']} node(s) "
+                     f"in {1000 * self.probe['seconds']:.2f} ms, bus bandwidth {self.probe['busbw_gbps']:.2f} GB/s, "
+                     f"latency {self.probe['latency_us']:.0f} us")
         timer = PhaseTimer(self.device, enabled=config.profile.phases)
         profiler = LoopProfiler(self.out_dir, contract.rank, config.profile.cprofile)
         trace = TorchProfilerWindow(self.out_dir, contract.rank, config.profile.torch_start,
@@ -323,7 +336,8 @@ class Trainer:
         try:
             with PreemptionFlag() as preemption, profiler.active():
                 while step < end:
-                    trace.before_step(step)
+                    with profiler.paused():  # the trace's own start and export stay out of cProfile
+                        trace.before_step(step)
                     lr = lr_at(step, config)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -335,7 +349,8 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     diverged |= ~torch.isfinite(step_loss)
                     timer.step_done()
-                    trace.after_step(step)
+                    with profiler.paused():
+                        trace.after_step(step)
                     step += 1
                     window_steps += 1
 
@@ -398,7 +413,8 @@ def start_sampler(config: Config, out_dir: Path, contract: distributed.RankContr
         return None
     from gptcore.sampler import Sampler
 
-    return Sampler(out_dir / "samples", node_rank=contract.rank, interval=config.profile.sampler_interval).start()
+    return Sampler(out_dir / "samples", node_rank=contract.rank, interval=config.profile.sampler_interval,
+                   world_size=contract.world_size).start()
 
 
 def train(config: Config) -> TrainResult:

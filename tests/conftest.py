@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def write_corpus(path: Path, chars: int = 60_000, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def wait_until(condition, timeout, what):
+    """Polls CONDITION until it returns something true, for at most TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def run_gptcore(*args, timeout: int = 300, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -1,0 +1,142 @@
+"""Weak-scaling efficiency of data-parallel training on CPU ranks, and what DDP costs per step.
+
+    python bench/bench_ddp.py                          # 1 rank vs 2 gloo ranks, 1 thread each
+    python bench/bench_ddp.py --ranks 1,2 --steps 150 --repeats 3 --batch 32
+
+Every configuration is a real training run, `gptcore train` for 1 rank (no process group, no DDP
+wrapper) and `torchrun --nproc-per-node=N -m gptcore train` for N ranks, under weak scaling: each
+rank gets the same batch, so an ideal N-rank step takes as long as a 1-rank step.
+  efficiency  = t(1 rank) / t(N ranks), from the median ms/step of the logged windows after warm-up
+  DDP cost    = t(N) - t(1) per step, split by phase (rank 0's timers): the gradient all-reduce runs
+                inside backward, the loss and preemption all-reduces between steps ("other")
+  all-reduce  = one gloo all_reduce of the model's gradient size between N idle ranks: the part of
+                the DDP cost that is communication; the rest is waiting for the slower rank and
+                copying gradients in and out of DDP's buckets
+Other work on the machine skews this; the load average is printed before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+# Compute dominates at this size: ~0.8M parameters, 12 x 64 tokens per rank and step by default.
+SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.dropout=0.0",
+         "train.scaling=weak"]
+PHASES = ("data", "forward", "backward", "optimizer")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def train(ranks: int, batch: int, steps: int, warmup: int, log_every: int, out_dir: Path) -> dict:
+    data = str(SHARED) if SHARED.is_file() else "shakespeare"
+    overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data}", f"out_dir={out_dir}", f"train.max_iters={steps}",
+                 "train.warmup_iters=10", f"train.log_interval={log_every}", f"train.eval_interval={10 * steps}",
+                 "train.eval_iters=1", "train.sample_tokens=0", "train.threads=1", "profile.sampler=false"]
+    launcher = [*TORCHRUN, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    before = load()
+    result = subprocess.run([*launcher, "-m", "gptcore", "train", *overrides], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_ddp: {ranks}-rank run failed:\n{result.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "loss" in r and warmup < r["step"] < steps]
+    phases = {name: statistics.median(r["phases_ms"][name] for r in windows) for name in PHASES}
+    ms = statistics.median(r["ms_per_step"] for r in windows)
+    phases["other"] = ms - sum(phases.values())
+    return {"ranks": ranks, "ms_per_step": ms, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
+            "phases_ms": phases, "windows": len(windows), "load_before": before, "load_after": load()}
+
+
+def gradient_numel(run_dir: Path) -> int:
+    import torch
+
+    state = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    return sum(t.numel() for t in state["model"].values() if t.is_floating_point())
+
+
+def allreduce_worker(numel: int, iters: int = 60) -> None:
+    """Runs under torchrun: rank 0 prints the median all_reduce time of `numel` floats as JSON."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    tensor, times = torch.ones(numel), []
+    for _ in range(iters):
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        times.append(1000 * (time.perf_counter() - start))
+    if dist.get_rank() == 0:
+        print(json.dumps({"allreduce_ms": statistics.median(times[iters // 5:])}))
+    dist.destroy_process_group()
+
+
+def allreduce_ms(ranks: int, numel: int) -> float:
+    result = subprocess.run([*TORCHRUN, f"--nproc-per-node={ranks}", __file__, "--allreduce-worker", str(numel)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_ddp: all_reduce run failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["allreduce_ms"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts; the first is the baseline")
+    parser.add_argument("--batch", type=int, default=12, help="rows of 64 tokens per rank and step")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians")
+    parser.add_argument("--log-every", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per rank count; the fastest counts")
+    parser.add_argument("--allreduce-worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.allreduce_worker:
+        allreduce_worker(args.allreduce_worker)
+        return 0
+    counts = [int(part) for part in args.ranks.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in counts:
+            tries = [train(ranks, args.batch, args.steps, args.warmup, args.log_every, Path(tmp) / f"r{ranks}-{k}")
+                     for k in range(args.repeats)]
+            best = min(tries, key=lambda r: r["ms_per_step"])
+            results.append(best)
+            print(json.dumps(best), file=sys.stderr)
+        numel = gradient_numel(Path(tmp) / f"r{counts[0]}-0")
+    base = results[0]
+    print(f"Weak scaling, 4 layers x 4 heads x 128, block 64, batch {args.batch} per rank, 1 thread per rank; "
+          f"median of {base['windows']} windows x {args.log_every} steps after {args.warmup} warm-up steps, "
+          f"fastest of {args.repeats}\n")
+    header = ["ranks", "ms/step", "tokens/s (all ranks)", "efficiency", *[f"{p} ms" for p in (*PHASES, "other")],
+              "load before / after"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in results:
+        efficiency = base["ms_per_step"] / r["ms_per_step"]
+        cells = [str(r["ranks"]), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{efficiency:.1%}",
+                 *[f"{r['phases_ms'][p]:.1f}" for p in (*PHASES, "other")], f"{r['load_before']} / {r['load_after']}"]
+        print("| " + " | ".join(cells) + " |")
+    for r in results[1:]:
+        extra = r["ms_per_step"] - base["ms_per_step"]
+        split = ", ".join(f"{p} {r['phases_ms'][p] - base['phases_ms'][p]:+.1f}" for p in (*PHASES, "other"))
+        print(f"\nDDP cost at {r['ranks']} ranks: {extra:+.1f} ms/step ({extra / base['ms_per_step']:+.1%}); "
+              f"by phase: {split}; one all_reduce of the {numel:,} gradient floats between idle ranks: "
+              f"{allreduce_ms(r['ranks'], numel):.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

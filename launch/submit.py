@@ -1,0 +1,162 @@
+"""Submit a training run through submitit: a Slurm job when a cluster answers, else local processes.
+
+    python launch/submit.py --config tiny --gpus 2                       # waits, prints the out_dir
+    python launch/submit.py --config seed --gpus 4 --nodes 2 --partition gpu train.max_iters=2000
+    python launch/submit.py --config tiny --gpus 2 --executor local      # N ranks on this machine
+
+From Python (e.g. a sweep):
+
+    from launch.submit import submit
+    job = submit("tiny", ["train.max_iters=50"], gpus=2)
+    out_dir = job.result()
+
+One task per GPU (tasks per node = gpus), each task one rank: submitit's
+TorchDistributedEnvironment exports RANK/WORLD_SIZE/MASTER_ADDR for the trainer. The run goes to
+runs/<job name>-<job id>/ unless out_dir=... is given. Preemption or the time limit: submitit
+sends USR2, the trainer checkpoints at the next step boundary, and submitit requeues the job
+with TrainTask.checkpoint(), which resumes from that checkpoint (resume=auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: `python launch/submit.py`
+    sys.path.insert(0, str(REPO))
+
+import cloudpickle  # noqa: E402  (after the sys.path fix)
+import submitit  # noqa: E402
+
+from gptcore.config import load_config  # noqa: E402
+from gptcore.errors import GptcoreError, UserInputError  # noqa: E402
+
+RUNS = REPO / "runs"
+EXECUTORS = ("auto", "slurm", "local")
+
+
+def run_dir(runs: Path, job_name: str, job_id: str) -> Path:
+    """Where a job's run goes; the sbatch templates use the same runs/<name>-<id> layout."""
+    return Path(runs) / f"{job_name}-{job_id}"
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One rank of a training run; every task of the job calls it. Its result is the out_dir."""
+
+    def __init__(self, config: str, overrides: list[str], job_name: str, runs: str):
+        self.config = config
+        self.overrides = list(overrides)
+        self.job_name = job_name
+        self.runs = runs
+
+    def __call__(self) -> str:
+        from gptcore.train import Trainer
+
+        job_env = submitit.JobEnvironment()
+        # overwrite: a job submitted from inside another job inherits that job's RANK etc.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        out_dir = run_dir(Path(self.runs), self.job_name, job_env.job_id)
+        # The out_dir is fixed per job id and resume=auto, so a job requeued by Slurm (preemption,
+        # node failure) continues the run whichever way it was requeued. submitit requeues, not
+        # the trainer (train.requeue=false), so that it runs checkpoint() first.
+        config = load_config(self.config, [f"out_dir={out_dir}", "resume=auto", "train.requeue=false",
+                                           *self.overrides])
+        result = Trainer(config).run()
+        if result.preempted:
+            # The trainer has saved a checkpoint at a step boundary and given submitit its handler
+            # back; raising the signal again lets it call checkpoint() and requeue (rank 0 exits there).
+            signal.raise_signal(job_env._usr_sig())
+        return str(result.out_dir)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption or timeout: the same run, continued from its checkpoint."""
+        return submitit.helpers.DelayedSubmission(
+            TrainTask(self.config, [*self.overrides, "resume=auto"], self.job_name, self.runs))
+
+
+# Jobs unpickle TrainTask by value: they need gptcore, not this checkout's launch/ on their path.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def slurm_answers(timeout_s: float = 15) -> bool:
+    """True when Slurm's clients are installed and a controller replies."""
+    try:
+        return subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True,
+                              timeout=timeout_s).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pick_cluster(executor: str) -> str:
+    if executor not in EXECUTORS:
+        raise UserInputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "auto":
+        return "slurm" if slurm_answers() else "local"
+    return executor
+
+
+def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executor: str = "auto",
+           folder: str | Path = "runs/submitit", job_name: str = "gptcore", timeout_min: int = 60,
+           partition: str | None = None) -> submitit.Job:
+    """Submit `gptcore train --config CONFIG OVERRIDES...` on nodes x gpus ranks.
+
+    Returns rank 0's task of the job: `.job_id` is the cluster's job id, `.result()` waits and
+    returns the run's out_dir as a string (raising submitit's FailedJobError if the run failed),
+    `.cancel()` cancels the whole job. Logs: FOLDER/<job id>/."""
+    load_config(config, overrides)  # bad input fails here, not minutes later in the queue
+    if gpus < 1 or nodes < 1:
+        raise UserInputError(f"gpus and nodes must be at least 1, got gpus={gpus} nodes={nodes}")
+    cluster = pick_cluster(executor)
+    if cluster == "local" and nodes > 1:
+        raise UserInputError("the local executor runs on this machine only; use nodes=1 or executor=slurm")
+    ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
+    ex.update_parameters(name=job_name, timeout_min=timeout_min, nodes=nodes, tasks_per_node=gpus,
+                         slurm_gpus_per_node=gpus, slurm_partition=partition)
+    job = ex.submit(TrainTask(config, overrides, job_name, str(RUNS)))
+    return job.task(0)
+
+
+def failure_reason(err: Exception) -> str:
+    """One line out of submitit's error: the exception that ended rank 0 (submitit puts its
+    traceback between two rules of 22 dashes), else why there is no result (killed, cancelled)."""
+    lines = str(err).splitlines()
+    rules = [i for i, line in enumerate(lines) if line == "-" * 22]
+    trace = [line for line in lines[rules[0] + 1:rules[1]] if line.strip()] if len(rules) >= 2 else []
+    return trace[-1] if trace else " ".join(lines[:2])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Submit a gptcore training run through submitit and wait for it.")
+    parser.add_argument("--config", required=True, help="preset name (seed, shakespeare_char, cpu, tiny) or YAML file")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node = ranks per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--executor", choices=EXECUTORS, default="auto",
+                        help="slurm, local (ranks on this machine), auto: slurm when a cluster answers")
+    parser.add_argument("--folder", default="runs/submitit", help="submitit's logs and pickles (FOLDER/<job id>/)")
+    parser.add_argument("--job-name", default="gptcore")
+    parser.add_argument("--timeout-min", type=int, default=60)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
+    args = parser.parse_args(argv)
+    try:
+        job = submit(args.config, args.overrides, args.gpus, args.nodes, args.executor, args.folder,
+                     args.job_name, args.timeout_min, args.partition)
+    except GptcoreError as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"submitted job {job.job_id}; rank 0 log: {job.paths.stdout}", file=sys.stderr, flush=True)
+    try:
+        out_dir = job.result()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
+        print(f"submit: job {job.job_id} failed: {failure_reason(err)}; logs: {job.paths.stderr}", file=sys.stderr)
+        return 1
+    print(out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

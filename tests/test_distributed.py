@@ -1,0 +1,89 @@
+"""Data-parallel training with real ranks (torchrun, gloo on the CPU): N ranks compute what one rank
+computes on the whole batch, a resumed N-rank run is bit-identical, and every launcher's
+environment gives the right rank contract."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from gptcore.config import load_config
+from gptcore.distributed import RankContract, read_contract
+from gptcore.errors import UserInputError
+from gptcore.train import batch_split
+
+# 20 steps, a loss logged at every one of them.
+TINY = ["--config", "tiny", "train.log_interval=1", "train.sample_tokens=0"]
+
+
+def train(ranks: int, *overrides: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    command = [*(launcher if ranks > 1 else [sys.executable]), "-m", "gptcore", "train", *TINY, *overrides]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def losses(run_dir) -> list[float]:
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [record["loss"] for record in records if "loss" in record]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("ddp") / "two"
+    result = train(2, f"data.path={corpus}", f"out_dir={run_dir}")
+    return run_dir, result.stdout
+
+
+def test_two_ranks_follow_the_one_rank_loss_curve(two_ranks, tmp_path, corpus):
+    run_dir, log = two_ranks
+    assert "world_size=2 launcher=torchrun device=cpu" in log and "backend=gloo" in log
+    # Strong scaling: the global batch of 8 is split 4 + 4 over the ranks.
+    train(1, f"data.path={corpus}", f"out_dir={tmp_path / 'one'}")
+    one, two = losses(tmp_path / "one"), losses(run_dir)
+    assert len(one) == len(two) == 20
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+
+
+def test_a_resumed_two_rank_run_is_bit_identical(two_ranks, tmp_path, corpus):
+    straight, _ = two_ranks
+    resumed = tmp_path / "resumed"
+    train(2, f"data.path={corpus}", f"out_dir={resumed}", "train.stop_at=10")
+    assert len(losses(resumed)) == 10
+    log = train(2, f"data.path={corpus}", f"out_dir={resumed}", "resume=auto").stdout
+    assert f"resumed from {resumed / 'ckpt.pt'} at step 10" in log
+    assert losses(resumed) == losses(straight)
+    a = torch.load(resumed / "ckpt.pt", weights_only=True)
+    b = torch.load(straight / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20 and a["world_size"] == 2
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in b["model"])
+
+
+def test_strong_scaling_splits_the_batch_and_weak_scaling_multiplies_it():
+    strong = load_config("tiny", ["train.batch_size=8"])
+    weak = load_config("tiny", ["train.batch_size=8", "train.scaling=weak"])
+    assert batch_split(strong, 4) == (2, 8)
+    assert batch_split(weak, 4) == (8, 32)
+    with pytest.raises(UserInputError, match="multiple of 3"):
+        batch_split(strong, 3)
+
+
+def test_rank_contract_from_torchrun_submitit_and_srun():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29511"}
+    assert read_contract(torchrun) == RankContract(3, 4, 1, "node1", 29511, "torchrun")
+    # What submitit's TorchDistributedEnvironment().export() leaves in a task's environment.
+    assert read_contract({**torchrun, "SUBMITIT_EXECUTOR": "slurm"}).launcher == "submitit"
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+            "SLURM_JOB_NODELIST": "node[1-2]", "MASTER_ADDR": "node1"}
+    assert read_contract(srun) == RankContract(5, 8, 1, "node1", 20000 + 1234, "srun")
+    # The batch shell of a 4-task job is one process: no step, no process group.
+    batch_shell = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1234"}
+    assert read_contract(batch_shell) == RankContract()
+    with pytest.raises(UserInputError, match="SLURM_PROCID"):
+        read_contract({**srun, "SLURM_PROCID": "x"})

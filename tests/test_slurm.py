@@ -1,0 +1,205 @@
+"""The sbatch templates, launch/submit.py and launch/monitor.py on the local Slurm cluster
+(`bash env/local_slurm.sh start`): real jobs and ranks, the tiny config on the CPU. Jobs are
+submitted from the repository root as a user would; their runs/ and logs/ files are removed
+afterwards. Skipped when Slurm's clients are missing or the cluster is not up."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, wait_until
+from gptcore.checkpoint import load
+
+
+def local_cluster_env() -> dict | None:
+    """The environment that points Slurm's clients at the local cluster, or None when it is not up."""
+    if shutil.which("sbatch") is None:
+        return None
+    try:
+        script = ["bash", "env/local_slurm.sh"]
+        if subprocess.run([*script, "status"], cwd=REPO, capture_output=True, timeout=60).returncode != 0:
+            return None
+        exports = subprocess.run([*script, "env"], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    conf = next((line.split("=", 1)[1] for line in exports.splitlines() if line.startswith("export SLURM_CONF=")), None)
+    return {**os.environ, "OMP_NUM_THREADS": "1", **({"SLURM_CONF": conf} if conf else {})}
+
+
+ENV = local_cluster_env()
+pytestmark = pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`bash env/local_slurm.sh start`)")
+
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
+# A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
+LONG = ["train.max_iters=2000", "train.log_interval=50", "train.eval_interval=500"]
+
+
+def run(*args, timeout=30, env=None) -> str:
+    result = subprocess.run(list(map(str, args)), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**ENV, **(env or {})})
+    assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+class Jobs:
+    """Submits jobs from the repository root and cleans up after them."""
+
+    def __init__(self):
+        self.submitted = []  # (job id, job name)
+
+    def sbatch(self, *args, env=None) -> str:
+        job_name = next(a.split("=", 1)[1] for a in args if str(a).startswith("--job-name="))
+        out = run("sbatch", "--parsable", *args, env=env)
+        job_id = out.strip().split(";")[0]
+        self.submitted.append((job_id, job_name))
+        return job_id
+
+    def track(self, job_id, job_name):
+        self.submitted.append((job_id, job_name))
+
+    def cleanup(self):
+        for job_id, job_name in self.submitted:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30, env=ENV)
+            shutil.rmtree(REPO / "runs" / f"{job_name}-{job_id}", ignore_errors=True)
+            (REPO / "logs" / f"{job_name}-{job_id}.out").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def jobs():
+    tracker = Jobs()
+    yield tracker
+    tracker.cleanup()
+
+
+def job_info(job_id) -> dict:
+    out = run("scontrol", "show", "job", "-o", job_id)
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until_ended(job_id, timeout) -> str:
+    def final_state():
+        state = job_info(job_id)["JobState"]
+        return None if state in ACTIVE else state
+    return wait_until(final_state, timeout, f"job {job_id} to end")
+
+
+def sacct(job_id, fields="State") -> list[str]:
+    """The job's accounting record once slurmdbd has it (it arrives a moment after the job ends)."""
+    def final():
+        out = run("sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}").strip()
+        return out.split("|") if out and out.split("|")[0].split()[0] not in ACTIVE else None
+    return wait_until(final, 30, f"sacct's record of job {job_id}")
+
+
+def log_text(job_name, job_id) -> str:
+    path = REPO / "logs" / f"{job_name}-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def monitor_once() -> str:
+    return run(sys.executable, "launch/monitor.py", "--once")
+
+
+def monitor_row(table, job_id) -> list[str]:
+    return next(line.split() for line in table.splitlines() if line.split()[:1] == [job_id])
+
+
+def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
+    train = jobs.sbatch("--job-name=test-4gpu", "slurm/train_4gpu.sbatch", f"data.path={corpus}",
+                        env={"CONFIG": "tiny", "EXTRA": "train.sample_tokens=0"})
+    run_dir = REPO / "runs" / f"test-4gpu-{train}"
+    quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
+                           f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch",
+                           env={"QUANTIZE_ARGS": "--group-size 32"})  # the tiny model is 32 wide
+    assert wait_until_ended(train, 120) == "COMPLETED", log_text("test-4gpu", train)
+    assert "world_size=4 launcher=srun device=cpu" in log_text("test-4gpu", train)
+    assert sacct(train) == ["COMPLETED"]
+    assert (run_dir / "ckpt.pt").is_file()
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert steps[-1]["step"] == 20 and {r["world_size"] for r in steps} == {4}
+
+    row = monitor_row(monitor_once(), train)
+    assert row[2] == "COMPLETED" and row[4] == "20/20" and float(row[5]) == pytest.approx(steps[-1]["loss"], abs=1e-4)
+
+    assert wait_until_ended(quantize, 120) == "COMPLETED", log_text("test-quantize", quantize)
+    assert (run_dir / "ckpt_int8.pt").is_file() and (run_dir / "ckpt_int4.pt").is_file()
+    train_end, = sacct(train, "End")
+    quantize_start, = sacct(quantize, "Start")
+    assert quantize_start >= train_end  # ISO timestamps: the dependency held it back
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus):
+    job = jobs.sbatch("--job-name=test-preempt", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
+                      "train.sample_tokens=0", env={"CONFIG": "tiny"})
+    run_dir = REPO / "runs" / f"test-preempt-{job}"
+    wait_until(lambda: "step 50/2000" in log_text("test-preempt", job), 60, "the first logged step")
+    row = monitor_row(monitor_once(), job)
+    assert row[2] == "RUNNING" and row[4].endswith("/2000")
+
+    run("scancel", "--signal=USR1", job)
+    assert wait_until_ended(job, 150) == "COMPLETED", log_text("test-preempt", job)
+    log = log_text("test-preempt", job)
+    assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
+    assert "restart 1" in log and "resumed from" in log
+    assert job_info(job)["Restarts"] == "1" and sacct(job) == ["COMPLETED"]
+    logged = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert logged == list(range(50, 2001, 50))  # every step once: none lost, none repeated
+    assert load(run_dir / "ckpt.pt")["step"] == 2000
+
+
+def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
+    job = jobs.sbatch("--job-name=test-deadrank", "slurm/train_2gpu.sbatch", f"data.path={corpus}",
+                      "train.max_iters=1000000", "train.log_interval=50", env={"CONFIG": "tiny"})
+    wait_until(lambda: "step 50/" in log_text("test-deadrank", job), 60, "the first logged step")
+    # `scontrol listpids`: PID JOBID STEPID LOCALID GLOBALID; rank 1 of the training step.
+    rows = [line.split() for line in run("scontrol", "listpids", job).splitlines()[1:]]
+    rank1 = min(int(pid) for pid, _, step, _, rank in rows if step == "0" and rank == "1")
+    os.kill(rank1, 9)
+    killed = time.monotonic()
+    state = wait_until_ended(job, 60)
+    assert state == "FAILED" and time.monotonic() - killed < 60
+
+
+def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
+    job = jobs.sbatch("--job-name=test-torchrun", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
+                      "slurm/train_multinode.sbatch", f"data.path={corpus}", "train.sample_tokens=0",
+                      env={"CONFIG": "tiny", "LAUNCHER": "torchrun"})
+    assert wait_until_ended(job, 120) == "COMPLETED", log_text("test-torchrun", job)
+    assert "world_size=2 launcher=torchrun device=cpu" in log_text("test-torchrun", job)
+    assert records(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
+
+
+def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corpus, tmp_path):
+    command = [sys.executable, "launch/submit.py", "--config", "tiny", "--gpus", "2", "--executor", "slurm",
+               "--folder", str(tmp_path), "--job-name", "test-submit", f"data.path={corpus}", *LONG,
+               "train.sample_tokens=0"]
+    with subprocess.Popen(command, cwd=REPO, env=ENV, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            first = process.stderr.readline()
+            assert first.startswith("submitted job "), first
+            job = first.split()[2].rstrip(";")
+            jobs.track(job, "test-submit")
+            rank0_log = tmp_path / job / f"{job}_0_log.out"
+            wait_until(lambda: rank0_log.exists() and "step 50/2000" in rank0_log.read_text(), 60,
+                       "the first logged step")
+            run("scancel", "--signal=USR2", job)  # what Slurm sends submitit jobs before the time limit
+            out, err = process.communicate(timeout=150)
+        finally:
+            process.kill()
+    assert process.returncode == 0, err
+    run_dir = REPO / "runs" / f"test-submit-{job}"
+    assert out.strip() == str(run_dir)
+    log = rank0_log.read_text()
+    assert "world_size=2 launcher=submitit" in log and "resumed from" in log
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(50, 2001, 50))
+    assert job_info(job)["Restarts"] == "1"

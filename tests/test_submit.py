@@ -1,0 +1,52 @@
+"""launch/submit.py with submitit's local executor: N ranks on this machine, no Slurm needed (the
+same command against the Slurm cluster is in test_slurm.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, assert_one_line_error
+
+
+def submit(*args, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/submit.py", *map(str, args)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_local_ranks_train_into_a_run_dir_named_after_the_job(tmp_path, corpus):
+    result = submit("--config", "tiny", "--gpus", 2, "--executor", "local", "--folder", tmp_path,
+                    "--job-name", "test-submit-local", f"data.path={corpus}", "train.sample_tokens=0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out_dir = Path(result.stdout.strip().splitlines()[-1])
+    try:
+        job_id = out_dir.name.rpartition("-")[2]
+        assert out_dir == REPO / "runs" / f"test-submit-local-{job_id}"
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        assert {r["world_size"] for r in records if "loss" in r} == {2}
+        assert max(r["step"] for r in records) == 20 and (out_dir / "ckpt.pt").is_file()
+        rank0_log = (tmp_path / job_id / f"{job_id}_0_log.out").read_text()
+        assert "world_size=2 launcher=submitit device=cpu" in rank0_log
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def test_bad_input_is_refused_before_anything_is_submitted(tmp_path):
+    assert_one_line_error(submit("--config", "nosuch", "--gpus", 1, "--executor", "local", "--folder", tmp_path),
+                          2, "nosuch")
+    assert_one_line_error(submit("--config", "tiny", "--gpus", 1, "--nodes", 2, "--executor", "local",
+                                 "--folder", tmp_path), 2, "nodes=1")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_run_ends_in_one_line_naming_the_cause(tmp_path):
+    result = submit("--config", "tiny", "--gpus", 1, "--executor", "local", "--folder", tmp_path,
+                    "--job-name", "test-submit-fail", "data.path=/nonexistent/book.txt")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("submit: job ") and "data file /nonexistent/book.txt does not exist" in last
+    for run_dir in (REPO / "runs").glob("test-submit-fail-*"):
+        shutil.rmtree(run_dir)
