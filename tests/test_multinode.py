@@ -1,0 +1,232 @@
+"""slurm/train_multinode.sbatch across two nodes of a real Slurm cluster on this machine, one network
+namespace per node (`bash env/local_slurm.sh start --nodes 2`; each node has its own hostname, address
+and /etc/hosts, so ranks meet over the bridge as on separate machines). The tiny config on the CPU
+over gloo, one rank per node. The cluster is started here when it is not up, and stopped again only
+then. Skipped unless root with `ip netns`, or when Slurm's packages cannot be installed."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_gptcore, wait_until
+
+SCRIPT = ["bash", "env/local_slurm.sh"]
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
+# One rank per node; no GPUs, so the test does not depend on the cluster's fake gres count.
+TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0"]
+TINY = ["train.device=cpu", "train.sample_tokens=0"]
+# Long enough (~10 s on two ranks) for a kill or a signal to land mid-run, with checkpoints to resume from.
+LONG = ["train.max_iters=2000", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=1000"]
+
+
+def netns_usable() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not netns_usable(), reason="needs root and `ip netns` for a multi-node cluster")
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """Client environment for the two-node cluster: SLURM_CONF points at its config."""
+    def script(verb, timeout):
+        return subprocess.run([*SCRIPT, verb, "--nodes", "2"], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+    started = script("status", 60).returncode != 0
+    if started:
+        result = script("start", 900)  # may apt-get install Slurm first
+        if result.returncode != 0:
+            if "apt-get" in result.stderr or "packages missing" in result.stderr:
+                pytest.skip(f"Slurm packages unavailable: {result.stderr.strip()}")
+            pytest.fail(f"`local_slurm.sh start --nodes 2` failed: {result.stdout}{result.stderr}")
+    exports = script("env", 30).stdout
+    conf = re.search(r"^export SLURM_CONF=(\S+)$", exports, re.M).group(1)
+    yield {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    if started:
+        script("stop", 120)
+
+
+class Cluster:
+    """Submits slurm/train_multinode.sbatch from the repository root, as a user would, with the run
+    directory and the log under tmp_path; cancels whatever it submitted at the end."""
+
+    def __init__(self, env: dict, tmp_path: Path):
+        self.env, self.tmp_path, self.submitted = env, tmp_path, []
+
+    def run(self, *args, timeout=30) -> str:
+        result = subprocess.run(list(map(str, args)), cwd=REPO, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def sbatch(self, launcher: str, run_dir: Path, *overrides) -> str:
+        env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir)}
+        result = subprocess.run(
+            ["sbatch", "--parsable", *TWO_NODES, f"--job-name=mn-{launcher}",
+             f"--output={self.tmp_path}/%x-%j.out", "slurm/train_multinode.sbatch", *TINY, *map(str, overrides)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        job = result.stdout.strip().split(";")[0]
+        self.submitted.append(job)
+        return job
+
+    def log(self, job: str) -> str:
+        paths = list(self.tmp_path.glob(f"*-{job}.out"))
+        return paths[0].read_text(errors="replace") if paths else ""
+
+    def job_info(self, job: str) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", job)
+        return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+    def wait_until_ended(self, job: str, timeout: float) -> str:
+        def final_state():
+            state = self.job_info(job)["JobState"]
+            return None if state in ACTIVE else state
+        return wait_until(final_state, timeout, f"job {job} to end")
+
+    def sacct_state(self, job: str) -> str:
+        """The job's state in accounting (slurmdbd has it a moment after the job ends)."""
+        def final():
+            state = self.run("sacct", "-j", job, "-X", "-n", "-P", "--format=State").strip()
+            return state if state and state.split()[0] not in ACTIVE else None
+        return wait_until(final, 30, f"sacct's record of job {job}")
+
+    def cancel_all(self):
+        for job in self.submitted:
+            subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def cluster(slurm_env, tmp_path):
+    jobs = Cluster(slurm_env, tmp_path)
+    yield jobs
+    jobs.cancel_all()
+
+
+@pytest.fixture(scope="module")
+def reference_loss(corpus, tmp_path_factory) -> float:
+    """Loss at step 20 of a plain one-process run: under strong scaling the global batch is the
+    same, so two ranks on two nodes must compute the same updates."""
+    out_dir = tmp_path_factory.mktemp("one-node") / "run"
+    result = run_gptcore("train", "--config", "tiny", f"data.path={corpus}", *TINY, f"out_dir={out_dir}",
+                         timeout=120)
+    assert result.returncode == 0, result.stderr
+    return step_losses(out_dir)[20]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def rank_hosts(log: str) -> dict[int, str]:
+    """{rank: hostname} from the line each rank prints when it joins: `rank R/N on HOST`."""
+    return {int(rank): host for rank, host in re.findall(r"^rank (\d+)/2 on (\S+)$", log, re.M)}
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    from gptcore.checkpoint import load
+    return load(run_dir / "ckpt.pt")["step"]
+
+
+def rank_pid(job: str, rank: int) -> int:
+    """The training process of RANK in JOB; the PID namespace is shared with the nodes."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()} <= environ and b"gptcore" in cmdline \
+                and b"srun" not in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process of job {job}")
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, launcher):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}")
+    assert cluster.wait_until_ended(job, 120) == "COMPLETED", cluster.log(job)
+    log = cluster.log(job)
+    assert f"world_size=2 launcher={launcher} device=cpu" in log
+    assert sorted(rank_hosts(log).values()) == ["node1", "node2"], log
+    assert cluster.sacct_state(job) == "COMPLETED"
+    losses = step_losses(run_dir)
+    assert max(losses) == 20
+    assert losses[20] == pytest.approx(reference_loss, abs=1e-4)
+
+
+def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
+    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    victim = rank_pid(job, 1)
+    where = subprocess.run(["ip", "netns", "identify", str(victim)], capture_output=True, text=True, timeout=10)
+    assert where.stdout.strip() == "mn-node2"
+    os.kill(victim, 9)
+    # srun --kill-on-bad-exit takes the surviving rank down: no wait on the process-group timeout.
+    assert cluster.wait_until_ended(job, 60) == "FAILED", cluster.log(job)
+    assert cluster.sacct_state(job) == "FAILED"
+    saved = checkpoint_step(run_dir)
+    assert 200 <= saved < 2000
+
+    again = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
+    assert cluster.wait_until_ended(again, 120) == "COMPLETED", cluster.log(again)
+    log = cluster.log(again)
+    assert f"resumed from {run_dir / 'ckpt.pt'} at step {saved}" in log
+    assert sorted(rank_hosts(log).values()) == ["node1", "node2"]
+    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
+
+
+def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
+    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    cluster.run("scancel", "--signal=USR1", job)
+    assert cluster.wait_until_ended(job, 150) == "COMPLETED", cluster.log(job)
+    log = cluster.log(job)
+    assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
+    assert "restart 1" in log and "resumed from" in log
+    assert cluster.job_info(job)["Restarts"] == "1" and cluster.sacct_state(job) == "COMPLETED"
+    logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert logged == list(range(100, 2001, 100))  # every step once: none lost, none repeated
+    assert checkpoint_step(run_dir) == 2000
+
+
+def test_sweep_across_one_and_two_nodes_reports_the_measured_link(cluster, corpus, tmp_path):
+    out = tmp_path / "sweep"
+    def sweep(*args, timeout=30):
+        return subprocess.run([sys.executable, "launch/sweep.py", "--nodes", *map(str, args)], cwd=REPO,
+                              env=cluster.env, capture_output=True, text=True, timeout=timeout)
+
+    assert_one_line_error(sweep("1,3", "--gpus", "1", "--config", "tiny", "--out", out), 2, "--nodes 3", "2 node(s)")
+    assert_one_line_error(sweep("0,2", "--gpus", "1", "--config", "tiny", "--out", out), 2, "--nodes '0,2'")
+    result = sweep("1,2", "--gpus", "1", "--config", "tiny", "--executor", "slurm", "--timeout-min", 5, "--out",
+                   out, f"data.path={corpus}", *TINY, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [(r["world_size"], r["nodes"], Path(r["path"]).name) for r in report["runs"]] == \
+        [(1, 1, "n1-1x1"), (2, 2, "n2-2x1")]
+    probes = [r for r in map(json.loads, (out / "n2-2x1" / "metrics.jsonl").read_text().splitlines())
+              if r.get("probe") == "allreduce"]
+    assert len(probes) == 1 and probes[0]["nodes"] == 2 and probes[0]["bytes"] == 4 * 2**20
+    link = report["measured_link"]
+    assert link["busbw_gbps"] == probes[0]["busbw_gbps"] > 0 and link["nodes"] == 2
+    assert report["node_efficiency"]["inter_node"]["efficiency"] == report["runs"][1]["efficiency"]
+    assert any(row["link"].startswith("measured here: 2 node(s)") for row in report["projection"]["rows"])
+    markdown = (out / "report" / "report.md").read_text()
+    assert f"Measured link: {link['busbw_gbps']:.3f} GB/s" in markdown
+    nodes_table = markdown.split("## Within a node and across nodes")[1].split("\n\n")[1]
+    assert [line.split("|")[1].strip() for line in nodes_table.splitlines()[2:]] == ["1", "2"]
