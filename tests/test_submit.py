@@ -27,7 +27,7 @@ def test_two_local_ranks_train_into_a_run_dir_named_after_the_job(tmp_path, corp
         assert out_dir == REPO / "runs" / f"test-submit-local-{job_id}"
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         assert {r["world_size"] for r in records if "loss" in r} == {2}
-        assert max(r["step"] for r in records) == 20 and (out_dir / "ckpt.pt").is_file()
+        assert max(r["step"] for r in records if "step" in r) == 20 and (out_dir / "ckpt.pt").is_file()
         rank0_log = (tmp_path / job_id / f"{job_id}_0_log.out").read_text()
         assert "world_size=2 launcher=submitit device=cpu" in rank0_log
     finally:
