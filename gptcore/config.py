@@ -56,7 +56,7 @@ class TrainConfig:
     ckpt_interval: int = 0  # 0 means at every evaluation
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16
+    dtype: str = "auto"  # auto: bf16 autocast where the GPU or CPU does bf16 natively | float32 | bfloat16
     compile: bool = False
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     sample_tokens: int = 200  # text generated at the end of training; 0 for none

@@ -74,10 +74,23 @@ def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device)
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware (1.3-1.7x faster training here, see
+    BENCHMARKS.md); elsewhere they are emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     choice = config.train.dtype
     if choice == "auto":
-        wants_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            wants_bf16 = torch.cuda.is_bf16_supported()
+        else:
+            wants_bf16 = cpu_has_native_bf16()
         return torch.bfloat16 if wants_bf16 else None
     return torch.bfloat16 if choice == "bfloat16" else None
 

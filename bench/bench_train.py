@@ -1,0 +1,71 @@
+"""Training throughput on CPU: ms/step and tokens/s at two nanoGPT-comparable shapes.
+
+    python bench/bench_train.py                      # both shapes, 2 threads
+    python bench/bench_train.py --shape small --threads 1 --variants
+
+Each run trains on tiny Shakespeare (../shared/data) or, without it, the default corpus, and
+reports the median ms/step over the logged windows after warm-up. `--variants` also times the
+alternatives we tried (bf16 autocast on the CPU, torch.compile) in the same process, one after
+the other, so they compare as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gptcore import train as train_module  # noqa: E402
+from gptcore.config import load_config  # noqa: E402
+
+SHAPES = {
+    "small": ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "train.batch_size=12"],
+    "medium": ["model.n_layer=8", "model.n_head=8", "model.n_embd=256", "model.block_size=128", "train.batch_size=16"],
+}
+SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def measure(shape: str, steps: int, threads: int, extra: list[str]) -> dict:
+    torch.set_num_threads(threads)
+    data = str(SHARED) if SHARED.is_file() else "shakespeare"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(None, SHAPES[shape] + [
+            f"data.path={data}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=10",
+            f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
+            "profile.sampler=false", f"train.threads={threads}", "train.warmup_iters=10"] + extra)
+        result = train_module.Trainer(config).run()
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["ms_per_step"] for r in records if "ms_per_step" in r][2:]  # skip warm-up windows
+    ms = statistics.median(windows)
+    tokens = config.train.batch_size * config.model.block_size
+    return {"shape": shape, "threads": threads, "extra": extra, "ms_per_step": round(ms, 2),
+            "tokens_per_s": round(tokens / ms * 1000), "final_loss": round(result.train_loss, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="default: 200 small, 60 medium")
+    parser.add_argument("--variants", action="store_true")
+    args = parser.parse_args()
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    variants = [[]]
+    if args.variants:
+        variants += [["train.dtype=bfloat16"], ["train.compile=true"]]
+    for shape in shapes:
+        steps = args.steps or (200 if shape == "small" else 60)
+        for extra in variants:
+            print(json.dumps(measure(shape, steps, args.threads, extra)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
