@@ -306,9 +306,5 @@ class Batches:
         self.generator.set_state(state["generator"])
 
 
-def tokenizer_from_meta(meta: dict) -> CharTokenizer:
-    return CharTokenizer(meta["vocab"])
-
-
 def describe(meta: dict) -> str:
     return f"vocab {meta['vocab_size']} chars, train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"

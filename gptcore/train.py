@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptcore import checkpoint, distributed
 from gptcore.config import Config, write_yaml
-from gptcore.data import Batches, Shard, describe, resolve_data, tokenizer_from_meta
+from gptcore.data import Batches, Shard, describe, resolve_data
 from gptcore.errors import TrainingFailure, UserInputError
 from gptcore.model import GPT
 from gptcore.profiling import LoopProfiler, PhaseTimer, TorchProfilerWindow
