@@ -129,7 +129,7 @@ pid_of() {
     [ "$state" != Z ] || return 1
     # A stale pid file could name a recycled pid, e.g. the other cluster's slurmd.
     if [ -r "/proc/$pid/environ" ]; then
-        tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF" || return 1
+        grep -qxF "SLURM_CONF=$CONF" <(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || return 1
     fi
     echo "$pid"
 }
@@ -186,7 +186,7 @@ stop_pids() {
 }
 
 munge_ok() { munge -n -S "$MUNGE_SOCK" | unmunge -S "$MUNGE_SOCK"; }
-ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+ctld_ok() { [[ "$(scontrol ping 2>/dev/null)" == *"is UP"* ]]; }
 
 slurmd_pidfile() {
     if [ "$MULTI" -eq 0 ]; then echo "$RUN/slurmd.pid"; else echo "$RUN/slurmd-$1.pid"; fi
@@ -480,7 +480,7 @@ setup_network() {
     if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
         ip link add "$BRIDGE" type bridge
     fi
-    ip addr show dev "$BRIDGE" | grep -q "inet $CTLD_ADDR/" || ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    ip addr replace "$CTLD_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     for ((i = 1; i <= NODES; i++)); do
         ns="mn-node$i"
@@ -493,7 +493,7 @@ setup_network() {
             ip link add "mnv$i" type veth peer name eth0 netns "$ns"
         fi
         ip link set "mnv$i" master "$BRIDGE" up
-        ip -n "$ns" addr show dev eth0 | grep -q "inet $NET.1$i/" || ip -n "$ns" addr add "$NET.1$i/24" dev eth0
+        ip -n "$ns" addr replace "$NET.1$i/24" dev eth0
         ip -n "$ns" link set lo up
         ip -n "$ns" link set eth0 up
     done
