@@ -125,6 +125,39 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+class LaggedVote:
+    """Whether any rank raised a flag, agreed one call late so that the training loop never waits
+    for it: each call collects the all-reduce that the previous call started, which ran in gloo's
+    background thread during the step, and starts the next. The vote travels on CPU tensors over
+    gloo (a separate gloo group when the training group is NCCL), so it never syncs the GPU."""
+
+    def __init__(self):
+        self.group = None
+        if is_initialized() and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it
+        self.pending = None
+
+    def __call__(self, flag: bool) -> bool:
+        if not is_initialized():
+            return flag
+        agreed = self._collect()
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        self.pending = (dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group, async_op=True), value)
+        return agreed
+
+    def _collect(self) -> bool:
+        if self.pending is None:
+            return False
+        work, value = self.pending
+        work.wait()
+        self.pending = None
+        return bool(value.item())
+
+    def close(self) -> None:
+        """Wait for the vote in flight, in this thread (see barrier() for why it matters)."""
+        self._collect()
+
+
 def gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's copy of a same-shaped tensor (e.g. RNG states for checkpoints)."""
     if not is_initialized():

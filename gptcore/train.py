@@ -97,7 +97,8 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
 
 class PreemptionFlag:
     """Set by SIGUSR1 (Slurm's `--signal=USR1@N` warning before the time limit or a preemption)
-    or SIGUSR2 (submitit's); the loop checkpoints at the next step boundary. The previous
+    or SIGUSR2 (submitit's); the loop checkpoints at the next step boundary, or the one after with
+    several ranks, which agree on it in the background. The previous
     handlers come back afterwards, so a launcher's own handler (submitit's requeue) still runs."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
@@ -346,6 +347,8 @@ class Trainer:
                 self.save_checkpoint(at_step)
             last_good_step = at_step
 
+        # One step late, so that no rank waits on the others at every step boundary.
+        preemption_vote = distributed.LaggedVote()
         try:
             with PreemptionFlag() as preemption, profiler.active():
                 while step < end:
@@ -396,12 +399,13 @@ class Trainer:
                     if step % ckpt_every == 0 or step == end:
                         with profiler.paused():
                             checkpoint_now(step)
-                    if step < t.max_iters and distributed.any_rank(preemption.raised, self.device):
+                    if step < t.max_iters and preemption_vote(preemption.raised):
                         with profiler.paused():
                             checkpoint_now(step)
                         preempted = True
                         self.log(f"preemption signal: checkpoint saved at step {step}/{t.max_iters}")
                         break
+            preemption_vote.close()
         finally:
             trace.close()
             profiler.dump()

@@ -65,6 +65,28 @@ def test_a_resumed_two_rank_run_is_bit_identical(two_ranks, tmp_path, corpus):
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in b["model"])
 
 
+VOTE_SCRIPT = """
+import torch.distributed as dist
+from gptcore import distributed
+contract = distributed.read_contract()
+distributed.init_process_group(contract, distributed.choose_device(contract), 60)
+vote = distributed.LaggedVote()
+# Only rank 1 raises its flag, at the third call; every rank must learn it at the fourth.
+print(contract.rank, [vote(contract.rank == 1 and call == 3) for call in range(6)])
+vote.close()
+distributed.shutdown()
+"""
+
+
+def test_ranks_agree_on_a_flag_one_call_after_any_rank_raised_it():
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run([*launcher, "--no-python", sys.executable, "-c", VOTE_SCRIPT], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = str([False, False, False, False, True, False])
+    assert sorted(result.stdout.split("\n")[:2]) == [f"0 {expected}", f"1 {expected}"], result.stdout
+
+
 def test_strong_scaling_splits_the_batch_and_weak_scaling_multiplies_it():
     strong = load_config("tiny", ["train.batch_size=8"])
     weak = load_config("tiny", ["train.batch_size=8", "train.scaling=weak"])
