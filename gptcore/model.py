@@ -52,10 +52,21 @@ class CausalSelfAttention(nn.Module):
             # that may attend to everything cached, so it needs no mask.
             assert T == 1 or cache.length == 0, "prefill only into an empty cache"
             k, v = cache.append(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        y = self.attend(q, k, v, causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # PyTorch's CPU flash attention runs forward as fast in bf16 as in fp32, but its backward
+            # 2-4x slower (bench/bench_attention.py): under CPU autocast, training keeps attention
+            # in fp32 and only the matmuls around it in bf16.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
+                                                   is_causal=causal)
+            return y.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
 
 
 class MLP(nn.Module):

@@ -1,4 +1,5 @@
-"""The model: shapes, parameter count, and KV-cache generation equal to full recomputation."""
+"""The model: shapes, parameter count, mixed-precision gradients, and KV-cache generation equal to full
+recomputation."""
 
 import torch
 
@@ -59,3 +60,19 @@ def test_cached_logits_match_uncached_logits():
         reference, _ = model(idx[:, :t + 1])
         torch.testing.assert_close(step[:, -1], reference[:, -1], rtol=1e-5, atol=1e-5)
     assert full.shape == (2, 1, 11)
+
+
+def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision():
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0))
+    x, y = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+
+    def gradients(autocast: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, loss = model(x, y)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact, mixed = gradients(False), gradients(True)
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+    assert (mixed - exact).norm() / exact.norm() < 0.05
