@@ -1,14 +1,17 @@
 """Weak-scaling efficiency of data-parallel training on CPU ranks, and what DDP costs per step.
 
     python bench/bench_ddp.py                          # 1 rank vs 2 gloo ranks, 1 thread each
-    python bench/bench_ddp.py --ranks 1,2 --steps 150 --repeats 3 --batch 32
+    python bench/bench_ddp.py --ranks 2 --steps 150 --repeats 3 --batch 32
 
 Every configuration is a real training run, `gptcore train` for 1 rank (no process group, no DDP
 wrapper) and `torchrun --nproc-per-node=N -m gptcore train` for N ranks, under weak scaling: each
 rank gets the same batch, so an ideal N-rank step takes as long as a 1-rank step.
-  efficiency  = t(1 rank) / t(N ranks), from the median ms/step of the logged windows after warm-up
-  DDP cost    = t(N) - t(1) per step, split by phase (rank 0's timers): the gradient all-reduce runs
-                inside backward, the loss and preemption all-reduces between steps ("other")
+  efficiency  = t(1 rank) / t(row), from the median ms/step of the logged windows after warm-up
+  N x 1       = N unconnected 1-rank runs at once: what N processes sharing the machine cost
+                without any communication
+  DDP cost    = t(N ranks) - t(N x 1) per step, split by phase (rank 0's timers): the gradient
+                all-reduce runs inside backward, the loss all-reduce (log steps) and the preemption vote
+                (in the background) between steps
   all-reduce  = one gloo all_reduce of the model's gradient size between N idle ranks: the part of
                 the DDP cost that is communication; the rest is waiting for the slower rank and
                 copying gradients in and out of DDP's buckets
@@ -41,24 +44,43 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def train(ranks: int, batch: int, steps: int, warmup: int, log_every: int, out_dir: Path) -> dict:
+def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path) -> list[str]:
     data = str(SHARED) if SHARED.is_file() else "shakespeare"
-    overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data}", f"out_dir={out_dir}", f"train.max_iters={steps}",
-                 "train.warmup_iters=10", f"train.log_interval={log_every}", f"train.eval_interval={10 * steps}",
-                 "train.eval_iters=1", "train.sample_tokens=0", "train.threads=1", "profile.sampler=false"]
+    overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data}", f"out_dir={out_dir}",
+                 f"train.max_iters={steps}", "train.warmup_iters=10", f"train.log_interval={log_every}",
+                 f"train.eval_interval={10 * steps}", "train.eval_iters=1", "train.sample_tokens=0",
+                 "train.threads=1", "profile.sampler=false"]
     launcher = [*TORCHRUN, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
-    before = load()
-    result = subprocess.run([*launcher, "-m", "gptcore", "train", *overrides], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(f"bench_ddp: {ranks}-rank run failed:\n{result.stderr[-2000:]}")
+    return [*launcher, "-m", "gptcore", "train", *overrides]
+
+
+def timings(out_dir: Path, warmup: int, steps: int) -> dict:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "loss" in r and warmup < r["step"] < steps]
     phases = {name: statistics.median(r["phases_ms"][name] for r in windows) for name in PHASES}
     ms = statistics.median(r["ms_per_step"] for r in windows)
     phases["other"] = ms - sum(phases.values())
-    return {"ranks": ranks, "ms_per_step": ms, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
-            "phases_ms": phases, "windows": len(windows), "load_before": before, "load_after": load()}
+    return {"ms_per_step": ms, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
+            "phases_ms": phases, "windows": len(windows)}
+
+
+def train(ranks: int, copies: int, args, out_dir: Path) -> dict:
+    """One N-rank run, or `copies` independent 1-rank runs at once (ranks=1): what sharing the
+    machine costs without any communication. Times of independent copies are averaged."""
+    before = load()
+    runs = [subprocess.Popen(command(ranks, args.batch, args.steps, args.log_every, out_dir / str(k)), cwd=REPO,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for k in range(copies)]
+    for run in runs:
+        _, err = run.communicate(timeout=1800)
+        if run.returncode != 0:
+            raise SystemExit(f"bench_ddp: {ranks}-rank run failed:\n{err[-2000:]}")
+    each = [timings(out_dir / str(k), args.warmup, args.steps) for k in range(copies)]
+    mean = {"ms_per_step": statistics.mean(t["ms_per_step"] for t in each),
+            "tokens_per_s": sum(t["tokens_per_s"] for t in each), "windows": each[0]["windows"],
+            "phases_ms": {p: statistics.mean(t["phases_ms"][p] for t in each) for p in (*PHASES, "other")}}
+    label = f"{ranks} (DDP)" if ranks > 1 else ("1" if copies == 1 else f"{copies} x 1, independent")
+    return {"label": label, "ranks": ranks * copies, **mean, "load_before": before, "load_after": load()}
 
 
 def gradient_numel(run_dir: Path) -> int:
@@ -95,46 +117,51 @@ def allreduce_ms(ranks: int, numel: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts; the first is the baseline")
+    parser.add_argument("--ranks", default="2", help="comma-separated rank counts, each compared with 1 rank")
     parser.add_argument("--batch", type=int, default=12, help="rows of 64 tokens per rank and step")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians")
     parser.add_argument("--log-every", type=int, default=5, help="steps per timed window")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per rank count; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows; each row's median counts")
     parser.add_argument("--allreduce-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.allreduce_worker:
         allreduce_worker(args.allreduce_worker)
         return 0
     counts = [int(part) for part in args.ranks.split(",")]
-    results = []
+    # The 1-rank baseline, then for each N: N independent 1-rank runs, then N ranks with DDP.
+    plan = [(1, 1)] + [plan for n in counts if n > 1 for plan in ((1, n), (n, 1))]
+    # Rounds go through the whole plan, so that drifting load from elsewhere hits every row alike;
+    # each row keeps its median round.
+    tries = {entry: [] for entry in plan}
     with tempfile.TemporaryDirectory() as tmp:
-        for ranks in counts:
-            tries = [train(ranks, args.batch, args.steps, args.warmup, args.log_every, Path(tmp) / f"r{ranks}-{k}")
-                     for k in range(args.repeats)]
-            best = min(tries, key=lambda r: r["ms_per_step"])
-            results.append(best)
-            print(json.dumps(best), file=sys.stderr)
-        numel = gradient_numel(Path(tmp) / f"r{counts[0]}-0")
+        for k in range(args.repeats):
+            for ranks, copies in plan:
+                tries[ranks, copies].append(train(ranks, copies, args, Path(tmp) / f"r{ranks}x{copies}-{k}"))
+                print(json.dumps(tries[ranks, copies][-1]), file=sys.stderr, flush=True)
+        numel = gradient_numel(Path(tmp) / "r1x1-0" / "0")
+    results = [sorted(runs, key=lambda r: r["ms_per_step"])[len(runs) // 2] for runs in tries.values()]
     base = results[0]
     print(f"Weak scaling, 4 layers x 4 heads x 128, block 64, batch {args.batch} per rank, 1 thread per rank; "
           f"median of {base['windows']} windows x {args.log_every} steps after {args.warmup} warm-up steps, "
-          f"fastest of {args.repeats}\n")
+          f"median of {args.repeats} rounds\n")
     header = ["ranks", "ms/step", "tokens/s (all ranks)", "efficiency", *[f"{p} ms" for p in (*PHASES, "other")],
               "load before / after"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
-        efficiency = base["ms_per_step"] / r["ms_per_step"]
-        cells = [str(r["ranks"]), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{efficiency:.1%}",
+        cells = [r["label"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
+                 f"{base['ms_per_step'] / r['ms_per_step']:.1%}",
                  *[f"{r['phases_ms'][p]:.1f}" for p in (*PHASES, "other")], f"{r['load_before']} / {r['load_after']}"]
         print("| " + " | ".join(cells) + " |")
-    for r in results[1:]:
-        extra = r["ms_per_step"] - base["ms_per_step"]
-        split = ", ".join(f"{p} {r['phases_ms'][p] - base['phases_ms'][p]:+.1f}" for p in (*PHASES, "other"))
-        print(f"\nDDP cost at {r['ranks']} ranks: {extra:+.1f} ms/step ({extra / base['ms_per_step']:+.1%}); "
-              f"by phase: {split}; one all_reduce of the {numel:,} gradient floats between idle ranks: "
-              f"{allreduce_ms(r['ranks'], numel):.2f} ms")
+    for shared, ddp in zip(results[1::2], results[2::2]):
+        sharing = shared["ms_per_step"] - base["ms_per_step"]
+        extra = ddp["ms_per_step"] - shared["ms_per_step"]
+        split = ", ".join(f"{p} {ddp['phases_ms'][p] - shared['phases_ms'][p]:+.1f}" for p in (*PHASES, "other"))
+        print(f"\n{ddp['ranks']} ranks: {ddp['ms_per_step'] - base['ms_per_step']:+.1f} ms/step over 1 rank = "
+              f"{sharing:+.1f} ms from {ddp['ranks']} processes sharing the machine (independent runs) "
+              f"{extra:+.1f} ms of DDP ({split}); one all_reduce of the {numel:,} gradient floats between "
+              f"idle ranks takes {allreduce_ms(ddp['ranks'], numel):.2f} ms")
     return 0
 
 
