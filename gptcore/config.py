@@ -61,7 +61,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     sample_tokens: int = 200  # text generated at the end of training; 0 for none
     timeout_s: int = 300  # a rank that waits longer than this on the others fails the job
-    requeue: bool = True  # on SIGUSR1 under Slurm: checkpoint, then `scontrol requeue` the job
+    requeue: bool = True  # on SIGUSR1 under Slurm: checkpoint, then requeue the job (scontrol requeue)
 
 
 @dataclass

@@ -120,16 +120,24 @@ class PreemptionFlag:
                 signal.signal(sig, handler)
 
 
-def requeue_slurm_job() -> bool:
+def requeue_slurm_job() -> str | None:
+    """Requeue this Slurm job, or, where the batch script asks for it (GPTCORE_REQUEUE_MARK, set by
+    slurm/common.sh), leave it a mark to requeue the job once every rank has exited. Returns what
+    was done, for the log; None outside Slurm or when scontrol fails."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        return False
+        return None
+    mark = os.environ.get("GPTCORE_REQUEUE_MARK")
+    if mark:
+        Path(mark).write_text(job_id + "\n")
+        return f"the batch script requeues Slurm job {job_id} once every rank has exited"
     import subprocess
 
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         print(f"gptcore: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)
-    return result.returncode == 0
+        return None
+    return f"requeued Slurm job {job_id}"
 
 
 @dataclass
@@ -413,8 +421,8 @@ class Trainer:
                 sampler.stop()
             metrics.close()
         distributed.barrier()
-        if preempted and t.requeue and self.is_main and requeue_slurm_job():
-            self.log(f"requeued Slurm job {os.environ['SLURM_JOB_ID']}; it resumes from {self.ckpt_path}")
+        if preempted and t.requeue and self.is_main and (requeued := requeue_slurm_job()):
+            self.log(f"{requeued}; it resumes from {self.ckpt_path}")
         return TrainResult(step, loss_value, val_loss, preempted, self.out_dir)
 
     def _diverged(self, step: int, last_good_step: int | None) -> TrainingFailure:

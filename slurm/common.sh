@@ -67,11 +67,17 @@ train_with() {
     shift
     # shellcheck disable=SC2206  # EXTRA is a space-separated list of key=value
     local args=(-m gptcore train --config "${CONFIG:-seed}" "out_dir=$RUN_DIR" resume=auto ${EXTRA:-} "$@")
+    local status=0
+    # On a preemption signal the trainer checkpoints and leaves this mark rather than requeueing
+    # from inside the step: a requeue cancels the step, and torchrun, cancelled while its workers
+    # exit, dies with a traceback. Here the step has ended cleanly first.
+    export GPTCORE_REQUEUE_MARK="$RUN_DIR/requeue.mark"
+    rm -f "$GPTCORE_REQUEUE_MARK"
     case "$launcher" in
         srun)
             # Slurm 22.05's srun does not take --cpus-per-task from the batch allocation by itself.
             run_step srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-                "$PYTHON" "${args[@]}"
+                "$PYTHON" "${args[@]}" || status=$?
             ;;
         torchrun)
             local nproc="${NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}"
@@ -82,10 +88,16 @@ train_with() {
                 --ntasks="$SLURM_JOB_NUM_NODES" bash -c 'trap "" USR1; exec "$@"' torchrun \
                 "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$nproc" \
                 --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-                "${args[@]}"
+                "${args[@]}" || status=$?
             ;;
         *)
             gptcore_die "LAUNCHER must be srun or torchrun, got '$launcher'"
             ;;
     esac
+    if [ "$status" -eq 0 ] && [ -e "$GPTCORE_REQUEUE_MARK" ]; then
+        rm -f "$GPTCORE_REQUEUE_MARK"
+        echo "gptcore: requeued Slurm job $SLURM_JOB_ID; it resumes from $RUN_DIR/ckpt.pt"
+        scontrol requeue "$SLURM_JOB_ID" || status=$?
+    fi
+    return "$status"
 }

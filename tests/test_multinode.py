@@ -188,16 +188,18 @@ def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tm
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
 
 
-def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path, launcher):
     run_dir = tmp_path / "run"
-    job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
+    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG)
     wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
     cluster.run("scancel", "--signal=USR1", job)
     assert cluster.wait_until_ended(job, 150) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
-    assert "restart 1" in log and "resumed from" in log
+    assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert cluster.job_info(job)["Restarts"] == "1" and cluster.sacct_state(job) == "COMPLETED"
+    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
     logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     assert logged == list(range(100, 2001, 100))  # every step once: none lost, none repeated
