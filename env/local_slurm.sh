@@ -306,6 +306,9 @@ $comm
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
+# A node that stops answering is DOWN after 20 s, not the default 300 s: its jobs fail or requeue
+# within a minute, and it returns to service when its slurmd registers again.
+SlurmdTimeout=20
 MinJobAge=600
 GresTypes=gpu
 $acct

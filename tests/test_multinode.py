@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,27 @@ def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tm
     log = cluster.log(again)
     assert f"resumed from {run_dir / 'ckpt.pt'} at step {saved}" in log
     assert sorted(rank_hosts(log).values()) == ["node1", "node2"]
+    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
+
+
+def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
+    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    try:
+        # node2 dies: its slurmd, the job's step daemon and its rank, all at once.
+        pids = subprocess.run(["ip", "netns", "pids", "mn-node2"], capture_output=True, text=True, timeout=10)
+        for pid in pids.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        # slurmctld stops hearing from node2, sets it DOWN and requeues the job (sbatch --requeue).
+        wait_until(lambda: cluster.job_info(job)["JobState"] in {"PENDING", "REQUEUED"}, 60, "a requeue")
+    finally:
+        subprocess.run([*SCRIPT, "start", "--nodes", "2"], cwd=REPO, capture_output=True, timeout=120, check=True)
+    assert cluster.wait_until_ended(job, 120) == "COMPLETED", cluster.log(job)
+    log = cluster.log(job)
+    assert "DUE TO NODE FAILURE" in log and "restart 1" in log
+    saved = int(re.search(rf"resumed from {re.escape(str(run_dir / 'ckpt.pt'))} at step (\d+)", log).group(1))
+    assert 200 <= saved < 2000
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
 
 
