@@ -104,6 +104,12 @@ def init_process_group(contract: RankContract, device: torch.device, timeout_s: 
         rank=contract.rank, world_size=contract.world_size, timeout=timedelta(seconds=timeout_s))
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (it died, or its node did):
+    torch raises DistError subclasses, or, from gloo's transport, a RuntimeError naming gloo."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

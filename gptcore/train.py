@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -315,6 +316,16 @@ class Trainer:
         self.setup()
         try:
             return self._loop()
+        except RuntimeError as err:
+            if self.contract.world_size == 1 or not distributed.lost_peer(err):
+                raise
+            # gloo's message: "[source file:line] Read error [addr]:port: Connection reset by peer. Advice..."
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+            kept = f"{self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint was written yet"
+            raise TrainingFailure(
+                f"rank {self.contract.rank} lost the other ranks ({detail}): one of them or its node has "
+                f"died, see their logs; {kept}, and a rerun with resume=auto continues from it") from None
         finally:
             distributed.shutdown()
 

@@ -4,13 +4,14 @@ environment gives the right rank contract."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, assert_one_line_error
 from gptcore.config import load_config
 from gptcore.distributed import RankContract, read_contract
 from gptcore.errors import UserInputError
@@ -86,6 +87,33 @@ def test_ranks_agree_on_a_flag_one_call_after_any_rank_raised_it():
     assert result.returncode == 0, result.stdout + result.stderr
     expected = str([False, False, False, False, True, False])
     assert sorted(result.stdout.split("\n")[:2]) == [f"0 {expected}", f"1 {expected}"], result.stdout
+
+
+def test_a_rank_that_loses_its_peer_fails_in_one_line_and_keeps_its_checkpoint(tmp_path, corpus):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    command = [sys.executable, "-m", "gptcore", "train", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'run'}",
+               "train.max_iters=100000", "train.log_interval=100", "train.ckpt_interval=100"]
+    survivor = subprocess.Popen(command, cwd=REPO, env={**env, "RANK": "0"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command, cwd=REPO, env={**env, "RANK": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for line in survivor.stdout:  # ends early if rank 0 exits
+            if "step 300/" in line:
+                break
+        victim.kill()
+        out, err = survivor.communicate(timeout=120)
+    finally:
+        for process in (survivor, victim):
+            process.kill()
+            process.wait()
+    assert_one_line_error(subprocess.CompletedProcess(command, survivor.returncode, out, err), 1,
+                          "rank 0 lost the other ranks", "resume=auto")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] >= 200
 
 
 def test_strong_scaling_splits_the_batch_and_weak_scaling_multiplies_it():
