@@ -14,9 +14,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from shapes import SHAPES
 
-# batch, heads, tokens, head size: 4 x 128 / block 64 / batch 12 and 8 x 256 / block 128 / batch 16.
-SHAPES = {"small": (12, 4, 64, 32), "medium": (16, 8, 128, 32)}
+
+def attention_shape(name: str) -> tuple[int, int, int, int]:
+    """(batch, heads, tokens, head size) of a training shape's attention."""
+    s = SHAPES[name]
+    return s["batch_size"], s["n_head"], s["block_size"], s["n_embd"] // s["n_head"]
 
 
 def time_attention(shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -> tuple[float, float]:
@@ -43,7 +47,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} calls")
     print("| shape (B, H, T, D) | dtype | forward ms | backward ms | backward vs fp32 |")
     print("|---|---|---|---|---|")
-    for name, shape in SHAPES.items():
+    for name in SHAPES:
+        shape = attention_shape(name)
         fp32 = time_attention(shape, torch.float32, args.repeats)
         bf16 = time_attention(shape, torch.bfloat16, args.repeats)
         for dtype, (fwd, bwd) in (("fp32", fp32), ("bf16", bf16)):

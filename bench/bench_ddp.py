@@ -30,11 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-# Compute dominates at this size: ~0.8M parameters, 12 x 64 tokens per rank and step by default.
-SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.dropout=0.0",
-         "train.scaling=weak"]
+from shapes import REPO, data_path, model_overrides
+
+# bench_train.py's small shape (~0.8M parameters), 12 x 64 tokens per rank and step by default.
+SHAPE = [*model_overrides("small"), "model.dropout=0.0", "train.scaling=weak"]
 PHASES = ("data", "forward", "backward", "optimizer")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -45,8 +44,7 @@ def load() -> str:
 
 
 def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path) -> list[str]:
-    data = str(SHARED) if SHARED.is_file() else "shakespeare"
-    overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data}", f"out_dir={out_dir}",
+    overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data_path()}", f"out_dir={out_dir}",
                  f"train.max_iters={steps}", "train.warmup_iters=10", f"train.log_interval={log_every}",
                  f"train.eval_interval={10 * steps}", "train.eval_iters=1", "train.sample_tokens=0",
                  "train.threads=1", "profile.sampler=false"]

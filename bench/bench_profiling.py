@@ -39,9 +39,10 @@ sys.path.insert(0, str(REPO))
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.train import Trainer  # noqa: E402
+from shapes import data_path, overrides  # noqa: E402
 
 SHAPES = {  # small: the nanoGPT-comparable shape of bench_train.py; tiny: the test config
-    "small": ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "train.batch_size=12"],
+    "small": overrides("small"),
     "tiny": ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=8"],
 }
 VARIANTS = {
@@ -53,7 +54,6 @@ VARIANTS = {
 }
 FAKE_NVIDIA_SMI = "#!/bin/sh\n" + "".join(
     f'echo "{i}, 87, 31245, 81559, 312.45, 64"\n' for i in range(4))
-SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def wait_for_quiet(max_load: float, timeout_s: float) -> float:
@@ -66,14 +66,13 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> float:
 
 def train_once(shape: str, extra: list[str], steps: int, threads: int, fake_bin: Path | None) -> tuple[list[float], float]:
     """(ms/step of each steady window, CPU % used by other processes meanwhile)."""
-    data = str(SHARED) if SHARED.is_file() else "shakespeare"
     saved_path = os.environ["PATH"]
     if fake_bin:
         os.environ["PATH"] = f"{fake_bin}:{saved_path}"
     me = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, SHAPES[shape] + [
-            f"data.path={data}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=5",
+            f"data.path={data_path()}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=5",
             f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
             f"train.threads={threads}", "train.warmup_iters=10"] + extra)
         psutil.cpu_percent(None)

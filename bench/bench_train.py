@@ -25,20 +25,14 @@ sys.path.insert(0, str(REPO))
 
 from gptcore import train as train_module  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-
-SHAPES = {
-    "small": ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "train.batch_size=12"],
-    "medium": ["model.n_layer=8", "model.n_head=8", "model.n_embd=256", "model.block_size=128", "train.batch_size=16"],
-}
-SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from shapes import SHAPES, data_path, overrides  # noqa: E402
 
 
 def measure(shape: str, steps: int, threads: int, extra: list[str]) -> dict:
     torch.set_num_threads(threads)
-    data = str(SHARED) if SHARED.is_file() else "shakespeare"
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(None, SHAPES[shape] + [
-            f"data.path={data}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=10",
+        config = load_config(None, overrides(shape) + [
+            f"data.path={data_path()}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=10",
             f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
             "profile.sampler=false", f"train.threads={threads}", "train.warmup_iters=10"] + extra)
         result = train_module.Trainer(config).run()

@@ -25,11 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "small": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12},
-    "medium": {"n_layer": 8, "n_head": 8, "n_embd": 256, "block_size": 128, "batch_size": 16},
-}
+from shapes import REPO, SHAPES, overrides
+
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)
 
 
@@ -41,8 +38,8 @@ def run(command: list[str], cwd: Path, threads: int) -> str:
     return result.stdout
 
 
-def nanogpt_ms(nanogpt: Path, shape: dict, iters: int, skip: int, threads: int) -> float:
-    flags = [f"--{key}={value}" for key, value in shape.items()]
+def nanogpt_ms(nanogpt: Path, shape: str, iters: int, skip: int, threads: int) -> float:
+    flags = [f"--{key}={value}" for key, value in SHAPES[shape].items()]
     out = run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
                "--eval_iters=1", "--eval_interval=100000", "--log_interval=1", f"--max_iters={iters}",
                f"--lr_decay_iters={iters}", "--warmup_iters=10", "--dropout=0.0", "--always_save_checkpoint=False",
@@ -51,12 +48,10 @@ def nanogpt_ms(nanogpt: Path, shape: dict, iters: int, skip: int, threads: int) 
     return statistics.median(times)
 
 
-def gptcore_ms(data: Path, shape: dict, iters: int, skip: int, threads: int, dtype: str) -> float:
-    overrides = [f"model.{key}={value}" for key, value in shape.items() if key != "batch_size"]
+def gptcore_ms(data: Path, shape: str, iters: int, skip: int, threads: int, dtype: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, "-m", "gptcore", "train", *overrides, f"train.batch_size={shape['batch_size']}",
-             f"data.path={data}", f"out_dir={tmp}", f"train.max_iters={iters}", "train.warmup_iters=10",
-             "train.log_interval=5", f"train.eval_interval={iters}", "train.eval_iters=1", "model.dropout=0.0",
+        run([sys.executable, "-m", "gptcore", "train", *overrides(shape), f"data.path={data}", f"out_dir={tmp}",
+             f"train.max_iters={iters}", "train.warmup_iters=10", "train.log_interval=5", f"train.eval_interval={iters}", "train.eval_iters=1", "model.dropout=0.0",
              "train.sample_tokens=0", "profile.sampler=false", f"train.threads={threads}", f"train.dtype={dtype}"],
             REPO, threads)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -81,12 +76,12 @@ def main() -> int:
     print("| shape | nanoGPT ms/iter | gptcore fp32 | gptcore auto | nanoGPT / gptcore fp32 | nanoGPT / gptcore auto |")
     print("|---|---|---|---|---|---|")
     for name in SHAPES if args.shape == "all" else [args.shape]:
-        shape, iters = SHAPES[name], 100 if name == "small" else 40
+        iters = 100 if name == "small" else 40
         rows = {"nanogpt": [], "float32": [], "auto": []}
         for _ in range(args.rounds):
-            rows["nanogpt"].append(nanogpt_ms(args.nanogpt, shape, iters, args.skip, args.threads))
+            rows["nanogpt"].append(nanogpt_ms(args.nanogpt, name, iters, args.skip, args.threads))
             for dtype in ("float32", "auto"):
-                rows[dtype].append(gptcore_ms(data, shape, iters, args.skip, args.threads, dtype))
+                rows[dtype].append(gptcore_ms(data, name, iters, args.skip, args.threads, dtype))
             print(json.dumps({"shape": name, **{k: v[-1] for k, v in rows.items()}}), file=sys.stderr, flush=True)
         nano, fp32, auto = (statistics.median(rows[k]) for k in ("nanogpt", "float32", "auto"))
         print(f"| {name} | {nano:.1f} | {fp32:.1f} | {auto:.1f} | {nano / fp32:.2f}x | {nano / auto:.2f}x |")
