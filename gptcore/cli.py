@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from gptcore.errors import GptcoreError, UserInputError
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except GptcoreError as err:
         print(f"gptcore: error: {err}", file=sys.stderr)
+        if err.exit_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(err.exit_code)
         return err.exit_code
     except KeyboardInterrupt:
         print("gptcore: interrupted", file=sys.stderr)

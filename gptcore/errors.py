@@ -7,6 +7,7 @@ non-zero exit: 2 for bad input (fix the command or the file), 1 for failures at 
 
 class GptcoreError(Exception):
     exit_code = 1
+    exit_at_once = False
 
 
 class UserInputError(GptcoreError):
@@ -19,3 +20,12 @@ class TrainingFailure(GptcoreError):
     """Something went wrong while running (e.g. the loss diverged)."""
 
     exit_code = 1
+
+
+class LostRanks(TrainingFailure):
+    """This rank's peers went away mid-collective. Its process group can no longer be torn down
+    safely: freeing gloo's half-closed connections at interpreter exit aborts the process
+    (SIGABRT, `terminate called without an active exception`) about one time in ten, so the
+    process ends without that teardown once the message is out."""
+
+    exit_at_once = True

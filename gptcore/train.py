@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gptcore import checkpoint, distributed
 from gptcore.config import Config, write_yaml
 from gptcore.data import Batches, Shard, describe, resolve_data
-from gptcore.errors import TrainingFailure, UserInputError
+from gptcore.errors import LostRanks, TrainingFailure, UserInputError
 from gptcore.model import GPT
 from gptcore.profiling import LoopProfiler, PhaseTimer, TorchProfilerWindow
 
@@ -323,7 +323,7 @@ class Trainer:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
             kept = f"{self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint was written yet"
-            raise TrainingFailure(
+            raise LostRanks(
                 f"rank {self.contract.rank} lost the other ranks ({detail}): one of them or its node has "
                 f"died, see their logs; {kept}, and a rerun with resume=auto continues from it") from None
         finally:
