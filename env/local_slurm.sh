@@ -431,22 +431,16 @@ EOF
     fi
 }
 
-start_slurmdbd() {
-    pid_of slurmdbd "$RUN/slurmdbd.pid" >/dev/null && return 0
-    rm -f "$RUN/slurmdbd.pid"
-    port_free_or_die "$DBD_PORT" slurmdbd
-    slurmdbd >>"$LOG/slurmdbd.log" 2>&1 || die "slurmdbd did not start" "$LOG/slurmdbd.log"
-    # slurmctld gives up if the database is not there when it registers its TRES.
-    wait_daemon slurmdbd "$RUN/slurmdbd.pid" "$LOG/slurmdbd.log" 60 "is not listening on port $DBD_PORT" \
-        port_listening "$DBD_PORT"
-}
-
-start_slurmctld() {
-    pid_of slurmctld "$RUN/slurmctld.pid" >/dev/null && return 0
-    rm -f "$RUN/slurmctld.pid"
-    port_free_or_die "$CTLD_PORT" slurmctld
-    slurmctld >>"$LOG/slurmctld.log" 2>&1 || die "slurmctld did not start" "$LOG/slurmctld.log"
-    wait_daemon slurmctld "$RUN/slurmctld.pid" "$LOG/slurmctld.log" 30 "does not answer scontrol ping" ctld_ok
+# start_slurm_daemon NAME PORT SECONDS WHAT CHECK...: slurmdbd and slurmctld fork themselves into the
+# background and write $RUN/NAME.pid (see write_configs), then CHECK says when they serve.
+start_slurm_daemon() {
+    local name="$1" port="$2" limit="$3" what="$4"
+    shift 4
+    pid_of "$name" "$RUN/$name.pid" >/dev/null && return 0
+    rm -f "$RUN/$name.pid"
+    port_free_or_die "$port" "$name"
+    "$name" >>"$LOG/$name.log" 2>&1 || die "$name did not start" "$LOG/$name.log"
+    wait_daemon "$name" "$RUN/$name.pid" "$LOG/$name.log" "$limit" "$what" "$@"
 }
 
 start_slurmd() {  # start_slurmd NODENAME
@@ -586,9 +580,10 @@ cmd_start() {
     [ "$MULTI" -eq 0 ] || setup_network
     if accounting_configured; then
         start_mariadb
-        start_slurmdbd
+        # slurmctld gives up if the database is not there when it registers its TRES.
+        start_slurm_daemon slurmdbd "$DBD_PORT" 60 "is not listening on port $DBD_PORT" port_listening "$DBD_PORT"
     fi
-    start_slurmctld
+    start_slurm_daemon slurmctld "$CTLD_PORT" 30 "does not answer scontrol ping" ctld_ok
     local n
     for n in $(node_names); do start_slurmd "$n"; done
     wait_nodes_ready
