@@ -20,6 +20,7 @@ with TrainTask.checkpoint(), which resumes from that checkpoint (resume=auto).
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import subprocess
 import sys
@@ -120,13 +121,17 @@ def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executo
     return job.task(0)
 
 
-def failure_reason(err: Exception) -> str:
-    """One line out of submitit's error: the exception that ended rank 0 (submitit puts its
-    traceback between two rules of 22 dashes), else why there is no result (killed, cancelled)."""
-    lines = str(err).splitlines()
-    rules = [i for i, line in enumerate(lines) if line == "-" * 22]
-    trace = [line for line in lines[rules[0] + 1:rules[1]] if line.strip()] if len(rules) >= 2 else []
-    return trace[-1] if trace else " ".join(lines[:2])
+def failure_line(message: str) -> str:
+    """One line out of submitit's error: the exception of a traceback (FailedJobError), or the
+    job's state when it ended without a result (UncompletedJobError: cancelled, killed, timed out)."""
+    if "with trace:" in message:
+        blocks = [block for block in re.split(r"\n-{10,}\n", message) if block.strip()]
+        if len(blocks) >= 2:
+            return blocks[1].strip().splitlines()[-1][:300]
+    state = re.search(r"has not produced any output \(state: ([^)\n]*)\)", message)
+    if state:
+        return f"ended without a result (state: {state.group(1)})"
+    return message.strip().splitlines()[0][:300] if message.strip() else "no message"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out_dir = job.result()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
-        print(f"submit: job {job.job_id} failed: {failure_reason(err)}; logs: {job.paths.stderr}", file=sys.stderr)
+        print(f"submit: job {job.job_id} failed: {failure_line(str(err))}; logs: {job.paths.stderr}", file=sys.stderr)
         return 1
     print(out_dir)
     return 0

@@ -173,19 +173,6 @@ def log_tail(job, lines: int = LOG_TAIL_LINES) -> str:
     return "(no log)"
 
 
-def failure_line(message: str) -> str:
-    """One line out of submitit's error: the exception of a traceback (FailedJobError), or the
-    job's state when it ended without a result (UncompletedJobError: cancelled, killed, timed out)."""
-    if "with trace:" in message:
-        blocks = [block for block in re.split(r"\n-{10,}\n", message) if block.strip()]
-        if len(blocks) >= 2:
-            return blocks[1].strip().splitlines()[-1][:300]
-    state = re.search(r"has not produced any output \(state: ([^)\n]*)\)", message)
-    if state:
-        return f"ended without a result (state: {state.group(1)})"
-    return message.strip().splitlines()[0][:300] if message.strip() else "no message"
-
-
 def job_state(job) -> str:
     try:
         return job.state
@@ -235,6 +222,8 @@ class StatusBoard:
 def settle(planned: Planned) -> None:
     """Record how a finished job ended: its out_dir, or why it failed."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from launch.submit import failure_line
 
     planned.ended_at = time.monotonic()
     try:

@@ -8,7 +8,8 @@ from analysis.report import limits_paragraph
 from gptcore.errors import UserInputError
 from gptcore.sampler import parse_nvidia_smi, visible_gpus
 from gptcore.distributed import bus_bandwidth_gbps
-from launch.sweep import check_capacity, failure_line, gres_gpus, parse_sizes, run_name
+from launch.submit import failure_line
+from launch.sweep import check_capacity, gres_gpus, parse_sizes, run_name
 
 
 def test_strong_scaling_divides_one_steps_work():
