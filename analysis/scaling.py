@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-STEP_PHASES = ("data", "forward", "backward", "optimizer")
+from gptcore.profiling import STEP_PHASES
 
 
 def train_ms(records: list[dict]) -> list[tuple[int, float]]:

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from shapes import REPO, data_path, model_overrides
 
+from gptcore.profiling import STEP_PHASES
+
 # bench_train.py's small shape (~0.8M parameters), 12 x 64 tokens per rank and step by default.
 SHAPE = [*model_overrides("small"), "model.dropout=0.0", "train.scaling=weak"]
-PHASES = ("data", "forward", "backward", "optimizer")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -55,7 +56,7 @@ def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path) -
 def timings(out_dir: Path, warmup: int, steps: int) -> dict:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "loss" in r and warmup < r["step"] < steps]
-    phases = {name: statistics.median(r["phases_ms"][name] for r in windows) for name in PHASES}
+    phases = {name: statistics.median(r["phases_ms"][name] for r in windows) for name in STEP_PHASES}
     ms = statistics.median(r["ms_per_step"] for r in windows)
     phases["other"] = ms - sum(phases.values())
     return {"ms_per_step": ms, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
@@ -76,7 +77,7 @@ def train(ranks: int, copies: int, args, out_dir: Path) -> dict:
     each = [timings(out_dir / str(k), args.warmup, args.steps) for k in range(copies)]
     mean = {"ms_per_step": statistics.mean(t["ms_per_step"] for t in each),
             "tokens_per_s": sum(t["tokens_per_s"] for t in each), "windows": each[0]["windows"],
-            "phases_ms": {p: statistics.mean(t["phases_ms"][p] for t in each) for p in (*PHASES, "other")}}
+            "phases_ms": {p: statistics.mean(t["phases_ms"][p] for t in each) for p in (*STEP_PHASES, "other")}}
     label = f"{ranks} (DDP)" if ranks > 1 else ("1" if copies == 1 else f"{copies} x 1, independent")
     return {"label": label, "ranks": ranks * copies, **mean, "load_before": before, "load_after": load()}
 
@@ -143,19 +144,20 @@ def main() -> int:
     print(f"Weak scaling, 4 layers x 4 heads x 128, block 64, batch {args.batch} per rank, 1 thread per rank; "
           f"median of {base['windows']} windows x {args.log_every} steps after {args.warmup} warm-up steps, "
           f"median of {args.repeats} rounds\n")
-    header = ["ranks", "ms/step", "tokens/s (all ranks)", "efficiency", *[f"{p} ms" for p in (*PHASES, "other")],
+    header = ["ranks", "ms/step", "tokens/s (all ranks)", "efficiency", *[f"{p} ms" for p in (*STEP_PHASES, "other")],
               "load before / after"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
         cells = [r["label"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
                  f"{base['ms_per_step'] / r['ms_per_step']:.1%}",
-                 *[f"{r['phases_ms'][p]:.1f}" for p in (*PHASES, "other")], f"{r['load_before']} / {r['load_after']}"]
+                 *[f"{r['phases_ms'][p]:.1f}" for p in (*STEP_PHASES, "other")],
+                 f"{r['load_before']} / {r['load_after']}"]
         print("| " + " | ".join(cells) + " |")
     for shared, ddp in zip(results[1::2], results[2::2]):
         sharing = shared["ms_per_step"] - base["ms_per_step"]
         extra = ddp["ms_per_step"] - shared["ms_per_step"]
-        split = ", ".join(f"{p} {ddp['phases_ms'][p] - shared['phases_ms'][p]:+.1f}" for p in (*PHASES, "other"))
+        split = ", ".join(f"{p} {ddp['phases_ms'][p] - shared['phases_ms'][p]:+.1f}" for p in (*STEP_PHASES, "other"))
         print(f"\n{ddp['ranks']} ranks: {ddp['ms_per_step'] - base['ms_per_step']:+.1f} ms/step over 1 rank = "
               f"{sharing:+.1f} ms from {ddp['ranks']} processes sharing the machine (independent runs) "
               f"{extra:+.1f} ms of DDP ({split}); one all_reduce of the {numel:,} gradient floats between "

@@ -5,9 +5,9 @@ import pytest
 
 from analysis import scaling
 from analysis.report import limits_paragraph
+from gptcore.distributed import bus_bandwidth_gbps
 from gptcore.errors import UserInputError
 from gptcore.sampler import parse_nvidia_smi, visible_gpus
-from gptcore.distributed import bus_bandwidth_gbps
 from launch.submit import failure_line
 from launch.sweep import check_capacity, gres_gpus, parse_sizes, run_name
 
