@@ -1,7 +1,9 @@
-"""Shared fixtures: a text corpus written by the test, and a way to run the real CLI."""
+"""Shared fixtures: a text corpus written by the test, a way to run the real CLI, a run's
+metrics, and the Slurm client commands the cluster tests use."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -66,3 +68,47 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl: steps, evaluations, probes."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} of every logged step."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+# -- Slurm clients, pointed at a cluster by ENV (its SLURM_CONF) ---------------------------------
+
+# The states of a job that has not ended yet.
+ACTIVE_JOB_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
+
+
+def slurm_command(env: dict, *args, timeout: int = 30) -> str:
+    """Runs a command from the repository root; its stdout, or the test fails with its output."""
+    result = subprocess.run(list(map(str, args)), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def job_info(env: dict, job_id: str) -> dict:
+    out = slurm_command(env, "scontrol", "show", "job", "-o", job_id)
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until_ended(env: dict, job_id: str, timeout: float) -> str:
+    """The job's final state, once it has one."""
+    def final_state():
+        state = job_info(env, job_id)["JobState"]
+        return None if state in ACTIVE_JOB_STATES else state
+    return wait_until(final_state, timeout, f"job {job_id} to end")
+
+
+def sacct(env: dict, job_id: str, fields: str = "State") -> list[str]:
+    """The job's accounting record once slurmdbd has it (it arrives a moment after the job ends)."""
+    def final():
+        out = slurm_command(env, "sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}").strip()
+        return out.split("|") if out and out.split("|")[0].split()[0] not in ACTIVE_JOB_STATES else None
+    return wait_until(final, 30, f"sacct's record of job {job_id}")

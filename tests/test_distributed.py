@@ -2,7 +2,6 @@
 computes on the whole batch, a resumed N-rank run is bit-identical, and every launcher's
 environment gives the right rank contract."""
 
-import json
 import os
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, read_metrics
 from gptcore.config import load_config
 from gptcore.distributed import RankContract, read_contract
 from gptcore.errors import UserInputError
@@ -31,8 +30,8 @@ def train(ranks: int, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def losses(run_dir) -> list[float]:
-    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [record["loss"] for record in records if "loss" in record]
+    """Every logged loss in order, so that a step logged twice would show."""
+    return [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_gptcore, wait_until
+from conftest import (REPO, assert_one_line_error, job_info, read_metrics, run_gptcore, sacct, slurm_command,
+                      step_losses, wait_until, wait_until_ended)
 
 SCRIPT = ["bash", "env/local_slurm.sh"]
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
 # One rank per node; no GPUs, so the test does not depend on the cluster's fake gres count.
 TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0"]
 TINY = ["train.device=cpu", "train.sample_tokens=0"]
@@ -63,12 +63,6 @@ class Cluster:
     def __init__(self, env: dict, tmp_path: Path):
         self.env, self.tmp_path, self.submitted = env, tmp_path, []
 
-    def run(self, *args, timeout=30) -> str:
-        result = subprocess.run(list(map(str, args)), cwd=REPO, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
-        assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stdout}{result.stderr}"
-        return result.stdout
-
     def sbatch(self, launcher: str, run_dir: Path, *overrides) -> str:
         env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir)}
         result = subprocess.run(
@@ -83,23 +77,6 @@ class Cluster:
     def log(self, job: str) -> str:
         paths = list(self.tmp_path.glob(f"*-{job}.out"))
         return paths[0].read_text(errors="replace") if paths else ""
-
-    def job_info(self, job: str) -> dict:
-        out = self.run("scontrol", "show", "job", "-o", job)
-        return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-    def wait_until_ended(self, job: str, timeout: float) -> str:
-        def final_state():
-            state = self.job_info(job)["JobState"]
-            return None if state in ACTIVE else state
-        return wait_until(final_state, timeout, f"job {job} to end")
-
-    def sacct_state(self, job: str) -> str:
-        """The job's state in accounting (slurmdbd has it a moment after the job ends)."""
-        def final():
-            state = self.run("sacct", "-j", job, "-X", "-n", "-P", "--format=State").strip()
-            return state if state and state.split()[0] not in ACTIVE else None
-        return wait_until(final, 30, f"sacct's record of job {job}")
 
     def cancel_all(self):
         for job in self.submitted:
@@ -122,11 +99,6 @@ def reference_loss(corpus, tmp_path_factory) -> float:
                          timeout=120)
     assert result.returncode == 0, result.stderr
     return step_losses(out_dir)[20]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def rank_hosts(log: str) -> dict[int, str]:
@@ -157,11 +129,11 @@ def rank_pid(job: str, rank: int) -> int:
 def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, launcher):
     run_dir = tmp_path / "run"
     job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}")
-    assert cluster.wait_until_ended(job, 120) == "COMPLETED", cluster.log(job)
+    assert wait_until_ended(cluster.env, job, 120) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert f"world_size=2 launcher={launcher} device=cpu" in log
     assert sorted(rank_hosts(log).values()) == ["node1", "node2"], log
-    assert cluster.sacct_state(job) == "COMPLETED"
+    assert sacct(cluster.env, job) == ["COMPLETED"]
     losses = step_losses(run_dir)
     assert max(losses) == 20
     assert losses[20] == pytest.approx(reference_loss, abs=1e-4)
@@ -176,13 +148,13 @@ def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tm
     assert where.stdout.strip() == "mn-node2"
     os.kill(victim, 9)
     # srun --kill-on-bad-exit takes the surviving rank down: no wait on the process-group timeout.
-    assert cluster.wait_until_ended(job, 60) == "FAILED", cluster.log(job)
-    assert cluster.sacct_state(job) == "FAILED"
+    assert wait_until_ended(cluster.env, job, 60) == "FAILED", cluster.log(job)
+    assert sacct(cluster.env, job) == ["FAILED"]
     saved = checkpoint_step(run_dir)
     assert 200 <= saved < 2000
 
     again = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
-    assert cluster.wait_until_ended(again, 120) == "COMPLETED", cluster.log(again)
+    assert wait_until_ended(cluster.env, again, 120) == "COMPLETED", cluster.log(again)
     log = cluster.log(again)
     assert f"resumed from {run_dir / 'ckpt.pt'} at step {saved}" in log
     assert sorted(rank_hosts(log).values()) == ["node1", "node2"]
@@ -199,10 +171,10 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
         for pid in pids.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
         # slurmctld stops hearing from node2, sets it DOWN and requeues the job (sbatch --requeue).
-        wait_until(lambda: cluster.job_info(job)["JobState"] in {"PENDING", "REQUEUED"}, 60, "a requeue")
+        wait_until(lambda: job_info(cluster.env, job)["JobState"] in {"PENDING", "REQUEUED"}, 60, "a requeue")
     finally:
         subprocess.run([*SCRIPT, "start", "--nodes", "2"], cwd=REPO, capture_output=True, timeout=120, check=True)
-    assert cluster.wait_until_ended(job, 120) == "COMPLETED", cluster.log(job)
+    assert wait_until_ended(cluster.env, job, 120) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "DUE TO NODE FAILURE" in log and "restart 1" in log
     saved = int(re.search(rf"resumed from {re.escape(str(run_dir / 'ckpt.pt'))} at step (\d+)", log).group(1))
@@ -215,15 +187,14 @@ def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cl
     run_dir = tmp_path / "run"
     job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG)
     wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
-    cluster.run("scancel", "--signal=USR1", job)
-    assert cluster.wait_until_ended(job, 150) == "COMPLETED", cluster.log(job)
+    slurm_command(cluster.env, "scancel", "--signal=USR1", job)
+    assert wait_until_ended(cluster.env, job, 150) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
-    assert cluster.job_info(job)["Restarts"] == "1" and cluster.sacct_state(job) == "COMPLETED"
+    assert job_info(cluster.env, job)["Restarts"] == "1" and sacct(cluster.env, job) == ["COMPLETED"]
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
-    logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    logged = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert logged == list(range(100, 2001, 100))  # every step once: none lost, none repeated
     assert checkpoint_step(run_dir) == 2000
 
@@ -242,8 +213,7 @@ def test_sweep_across_one_and_two_nodes_reports_the_measured_link(cluster, corpu
     report = json.loads((out / "report" / "report.json").read_text())
     assert [(r["world_size"], r["nodes"], Path(r["path"]).name) for r in report["runs"]] == \
         [(1, 1, "n1-1x1"), (2, 2, "n2-2x1")]
-    probes = [r for r in map(json.loads, (out / "n2-2x1" / "metrics.jsonl").read_text().splitlines())
-              if r.get("probe") == "allreduce"]
+    probes = [r for r in read_metrics(out / "n2-2x1") if r.get("probe") == "allreduce"]
     assert len(probes) == 1 and probes[0]["nodes"] == 2 and probes[0]["bytes"] == 4 * 2**20
     link = report["measured_link"]
     assert link["busbw_gbps"] == probes[0]["busbw_gbps"] > 0 and link["nodes"] == 2

@@ -3,7 +3,6 @@
 submitted from the repository root as a user would; their runs/ and logs/ files are removed
 afterwards. Skipped when Slurm's clients are missing or the cluster is not up."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, wait_until
+from conftest import REPO, job_info, read_metrics, sacct, slurm_command, wait_until, wait_until_ended
 from gptcore.checkpoint import load
 
 
@@ -34,16 +33,12 @@ def local_cluster_env() -> dict | None:
 ENV = local_cluster_env()
 pytestmark = pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`bash env/local_slurm.sh start`)")
 
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"}
 # A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
 LONG = ["train.max_iters=2000", "train.log_interval=50", "train.eval_interval=500"]
 
 
 def run(*args, timeout=30, env=None) -> str:
-    result = subprocess.run(list(map(str, args)), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**ENV, **(env or {})})
-    assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stdout}{result.stderr}"
-    return result.stdout
+    return slurm_command({**ENV, **(env or {})}, *args, timeout=timeout)
 
 
 class Jobs:
@@ -76,33 +71,9 @@ def jobs():
     tracker.cleanup()
 
 
-def job_info(job_id) -> dict:
-    out = run("scontrol", "show", "job", "-o", job_id)
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def wait_until_ended(job_id, timeout) -> str:
-    def final_state():
-        state = job_info(job_id)["JobState"]
-        return None if state in ACTIVE else state
-    return wait_until(final_state, timeout, f"job {job_id} to end")
-
-
-def sacct(job_id, fields="State") -> list[str]:
-    """The job's accounting record once slurmdbd has it (it arrives a moment after the job ends)."""
-    def final():
-        out = run("sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}").strip()
-        return out.split("|") if out and out.split("|")[0].split()[0] not in ACTIVE else None
-    return wait_until(final, 30, f"sacct's record of job {job_id}")
-
-
 def log_text(job_name, job_id) -> str:
     path = REPO / "logs" / f"{job_name}-{job_id}.out"
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def monitor_once() -> str:
@@ -120,20 +91,20 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
                            f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch",
                            env={"QUANTIZE_ARGS": "--group-size 32"})  # the tiny model is 32 wide
-    assert wait_until_ended(train, 120) == "COMPLETED", log_text("test-4gpu", train)
+    assert wait_until_ended(ENV, train, 120) == "COMPLETED", log_text("test-4gpu", train)
     assert "world_size=4 launcher=srun device=cpu" in log_text("test-4gpu", train)
-    assert sacct(train) == ["COMPLETED"]
+    assert sacct(ENV, train) == ["COMPLETED"]
     assert (run_dir / "ckpt.pt").is_file()
-    steps = [r for r in records(run_dir) if "loss" in r]
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
     assert steps[-1]["step"] == 20 and {r["world_size"] for r in steps} == {4}
 
     row = monitor_row(monitor_once(), train)
     assert row[2] == "COMPLETED" and row[4] == "20/20" and float(row[5]) == pytest.approx(steps[-1]["loss"], abs=1e-4)
 
-    assert wait_until_ended(quantize, 120) == "COMPLETED", log_text("test-quantize", quantize)
+    assert wait_until_ended(ENV, quantize, 120) == "COMPLETED", log_text("test-quantize", quantize)
     assert (run_dir / "ckpt_int8.pt").is_file() and (run_dir / "ckpt_int4.pt").is_file()
-    train_end, = sacct(train, "End")
-    quantize_start, = sacct(quantize, "Start")
+    train_end, = sacct(ENV, train, "End")
+    quantize_start, = sacct(ENV, quantize, "Start")
     assert quantize_start >= train_end  # ISO timestamps: the dependency held it back
 
 
@@ -146,12 +117,12 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
     assert row[2] == "RUNNING" and row[4].endswith("/2000")
 
     run("scancel", "--signal=USR1", job)
-    assert wait_until_ended(job, 150) == "COMPLETED", log_text("test-preempt", job)
+    assert wait_until_ended(ENV, job, 150) == "COMPLETED", log_text("test-preempt", job)
     log = log_text("test-preempt", job)
     assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
-    assert job_info(job)["Restarts"] == "1" and sacct(job) == ["COMPLETED"]
-    logged = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
+    logged = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert logged == list(range(50, 2001, 50))  # every step once: none lost, none repeated
     assert load(run_dir / "ckpt.pt")["step"] == 2000
 
@@ -165,7 +136,7 @@ def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
     rank1 = min(int(pid) for pid, _, step, _, rank in rows if step == "0" and rank == "1")
     os.kill(rank1, 9)
     killed = time.monotonic()
-    state = wait_until_ended(job, 60)
+    state = wait_until_ended(ENV, job, 60)
     assert state == "FAILED" and time.monotonic() - killed < 60
 
 
@@ -173,9 +144,9 @@ def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
     job = jobs.sbatch("--job-name=test-torchrun", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
                       "slurm/train_multinode.sbatch", f"data.path={corpus}", "train.sample_tokens=0",
                       env={"CONFIG": "tiny", "LAUNCHER": "torchrun"})
-    assert wait_until_ended(job, 120) == "COMPLETED", log_text("test-torchrun", job)
+    assert wait_until_ended(ENV, job, 120) == "COMPLETED", log_text("test-torchrun", job)
     assert "world_size=2 launcher=torchrun device=cpu" in log_text("test-torchrun", job)
-    assert records(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
+    assert read_metrics(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
 
 
 def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corpus, tmp_path):
@@ -201,5 +172,5 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
     assert out.strip() == str(run_dir)
     log = rank0_log.read_text()
     assert "world_size=2 launcher=submitit" in log and "resumed from" in log
-    assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(50, 2001, 50))
-    assert job_info(job)["Restarts"] == "1"
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(50, 2001, 50))
+    assert job_info(ENV, job)["Restarts"] == "1"

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, read_metrics
 from launch.submit import slurm_answers
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
@@ -51,10 +51,6 @@ def report_rows(report_md: Path) -> list[list[str]]:
     section = report_md.read_text().split("## Scaling")[1].split("##")[0]
     return [[cell.strip() for cell in line.strip("|").split("|")]
             for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ranks")]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def recomputed_step_ms(records: list[dict]) -> float:
@@ -175,12 +171,12 @@ def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     # The report's numbers are the runs' own: recompute the 2-rank row from its metrics.jsonl.
     report = json.loads((report_dir / "report.json").read_text())
     one, two = (next(r for r in report["runs"] if r["world_size"] == n) for n in (1, 2))
-    step_ms_1, step_ms_2 = recomputed_step_ms(metrics(out / "n1")), recomputed_step_ms(metrics(out / "n2"))
+    step_ms_1, step_ms_2 = recomputed_step_ms(read_metrics(out / "n1")), recomputed_step_ms(read_metrics(out / "n2"))
     assert two["step_ms"] == pytest.approx(step_ms_2)
     assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
     assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
     assert rows[1][1] == f"{step_ms_2:.2f}"
-    assert one["final_loss"] == pytest.approx(metrics(out / "n1")[-2]["loss"])
+    assert one["final_loss"] == pytest.approx(read_metrics(out / "n1")[-2]["loss"])
 
     # Every rank profiled; the merged top list is the training step, not imports.
     four = next(r for r in report["runs"] if r["world_size"] == 4)

@@ -5,15 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA, assert_one_line_error, run_gptcore
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+from conftest import SHARED_DATA, assert_one_line_error, read_metrics, run_gptcore, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def test_train_writes_run_dir_progress_and_a_sample(trained):
     assert "step 20/20 | loss" in out and "tok/s | ETA" in out and "ms/step" in out
     assert "eval step 20: train" in out and "bits/char" in out
     assert "--- sample (40 tokens" in out
-    records = metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
     assert all(set(r["phases_ms"]) >= {"data", "forward", "backward", "optimizer"} for r in records if "loss" in r)
     assert records[-1]["eval"] and records[-1]["val_loss"] < 3.5  # learned something from log(vocab) ~ 3.3+
@@ -70,7 +62,7 @@ def test_resume_is_bit_identical_to_training_straight_through(tmp_path, corpus):
     assert a["step"] == b["step"] == 30
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert losses(straight) == losses(split)
+    assert step_losses(straight) == step_losses(split)
 
 
 def test_an_existing_run_is_not_overwritten(trained):
