@@ -3,7 +3,6 @@ samples/node*.jsonl, profile/rank*.prof."""
 
 from __future__ import annotations
 
-import json
 import pstats
 import statistics
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import yaml
 from gptcore.config import Config, config_from_dict
 from gptcore.errors import UserInputError
 from gptcore.sampler import read_samples
+from gptcore.train import read_metrics
 
 
 @dataclass
@@ -33,18 +33,6 @@ class Run:
         return self.probes[-1]["nodes"] if self.probes else 1
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserInputError(f"{path}:{number} is not valid JSON; was the run killed while writing?") from None
-    return records
-
-
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     metrics, config_file = path / "metrics.jsonl", path / "config.yaml"
@@ -52,7 +40,7 @@ def load_run(path: str | Path) -> Run:
         if not needed.is_file():
             raise UserInputError(f"{path} is not a finished training run: {needed.name} is missing")
     config = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
-    records = read_jsonl(metrics)
+    records = read_metrics(metrics)
     steps = [r for r in records if not r.get("eval") and "ms_per_step" in r]
     if not steps:
         raise UserInputError(f"{metrics} has no step records; train for more than train.log_interval steps")

@@ -33,6 +33,7 @@ from pathlib import Path
 from shapes import REPO, data_path, model_overrides
 
 from gptcore.profiling import STEP_PHASES
+from gptcore.train import read_metrics
 
 # bench_train.py's small shape (~0.8M parameters), 12 x 64 tokens per rank and step by default.
 SHAPE = [*model_overrides("small"), "model.dropout=0.0", "train.scaling=weak"]
@@ -54,7 +55,7 @@ def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path) -
 
 
 def timings(out_dir: Path, warmup: int, steps: int) -> dict:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out_dir / "metrics.jsonl")
     windows = [r for r in records if "loss" in r and warmup < r["step"] < steps]
     phases = {name: statistics.median(r["phases_ms"][name] for r in windows) for name in STEP_PHASES}
     ms = statistics.median(r["ms_per_step"] for r in windows)

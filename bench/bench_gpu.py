@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from gptcore.config import load_config  # noqa: E402
 from gptcore.data import read_meta, resolve_data  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
+from gptcore.train import read_metrics  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -65,7 +66,7 @@ def main() -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "gptcore", "train", "--config", args.config, *overrides]
         subprocess.run(command, cwd=REPO, check=True)
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     steps = [r for r in records if "ms_per_step" in r][2:]  # the first windows hold warm-up and compile
     ms = statistics.median(r["ms_per_step"] for r in steps)
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-from gptcore.train import Trainer  # noqa: E402
+from gptcore.train import Trainer, read_metrics  # noqa: E402
 from shapes import data_path, overrides  # noqa: E402
 
 SHAPES = {  # small: the nanoGPT-comparable shape of bench_train.py; tiny: the test config
@@ -64,11 +64,20 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> float:
     return os.getloadavg()[0]
 
 
+@contextlib.contextmanager
+def first_on_path(directory: Path | None):
+    """PATH with directory (the fake nvidia-smi's) in front, if given, for the duration."""
+    saved_path = os.environ["PATH"]
+    if directory:
+        os.environ["PATH"] = f"{directory}:{saved_path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved_path
+
+
 def train_once(shape: str, extra: list[str], steps: int, threads: int, fake_bin: Path | None) -> tuple[list[float], float]:
     """(ms/step of each steady window, CPU % used by other processes meanwhile)."""
-    saved_path = os.environ["PATH"]
-    if fake_bin:
-        os.environ["PATH"] = f"{fake_bin}:{saved_path}"
     me = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, SHAPES[shape] + [
@@ -77,13 +86,10 @@ def train_once(shape: str, extra: list[str], steps: int, threads: int, fake_bin:
             f"train.threads={threads}", "train.warmup_iters=10"] + extra)
         psutil.cpu_percent(None)
         me.cpu_percent(None)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
-                Trainer(config).run()
-        finally:
-            os.environ["PATH"] = saved_path
+        with first_on_path(fake_bin), contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
+            Trainer(config).run()
         others = max(0.0, psutil.cpu_percent(None) * psutil.cpu_count() - me.cpu_percent(None))
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     return [r["ms_per_step"] for r in steady_records(records, warmup_fraction=0.2)], others
 
 
@@ -93,20 +99,14 @@ def sample_cost_ms(fake_bin: Path | None, samples: int = 100) -> float:
     difference of noisy step times."""
     from gptcore.sampler import Sampler
 
-    saved_path = os.environ["PATH"]
-    if fake_bin:
-        os.environ["PATH"] = f"{fake_bin}:{saved_path}"
-    try:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            sampler = Sampler(Path(tmp), node_rank=0)
-            sampler.processes = [(0, psutil.Process())]
+    with first_on_path(fake_bin), tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        sampler = Sampler(Path(tmp), node_rank=0)
+        sampler.processes = [(0, psutil.Process())]
+        sampler.sample()
+        before = cpu_seconds()
+        for _ in range(samples):
             sampler.sample()
-            before = cpu_seconds()
-            for _ in range(samples):
-                sampler.sample()
-            spent = cpu_seconds() - before
-    finally:
-        os.environ["PATH"] = saved_path
+        spent = cpu_seconds() - before
     return 1000 * spent / samples
 
 

@@ -36,7 +36,7 @@ def measure(shape: str, steps: int, threads: int, extra: list[str]) -> dict:
             f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
             "profile.sampler=false", f"train.threads={threads}", "train.warmup_iters=10"] + extra)
         result = train_module.Trainer(config).run()
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = train_module.read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     windows = [r["ms_per_step"] for r in records if "ms_per_step" in r][2:]  # skip warm-up windows
     ms = statistics.median(windows)
     tokens = config.train.batch_size * config.model.block_size

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from shapes import REPO, SHAPES, overrides
 
+from gptcore.train import read_metrics
+
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)
 
 
@@ -54,7 +56,7 @@ def gptcore_ms(data: Path, shape: str, iters: int, skip: int, threads: int, dtyp
              f"train.max_iters={iters}", "train.warmup_iters=10", "train.log_interval=5", f"train.eval_interval={iters}", "train.eval_iters=1", "model.dropout=0.0",
              "train.sample_tokens=0", "profile.sampler=false", f"train.threads={threads}", f"train.dtype={dtype}"],
             REPO, threads)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(tmp) / "metrics.jsonl")
     return statistics.median(r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > skip)
 
 

@@ -150,6 +150,19 @@ class TrainResult:
     out_dir: Path
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl that MetricsLog wrote."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserInputError(f"{path}:{number} is not valid JSON; was the run killed while writing?") from None
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per line, appended (a resumed run continues the file)."""
 

@@ -5,6 +5,7 @@ nvidia-smi on PATH stands in for the GPUs this machine lacks."""
 import json
 import os
 import pstats
+import shutil
 import signal
 import statistics
 import subprocess
@@ -109,6 +110,16 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "again" / "report.md"), again.stderr
     assert report_rows(tmp_path / "again" / "report.md") == rows
+
+    # A run killed while writing its metrics: named by file and line, no report.
+    torn = tmp_path / "torn"
+    shutil.copytree(out / "n1", torn)
+    with open(torn / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 3')
+    assert_one_line_error(subprocess.run([sys.executable, "-m", "analysis.report", torn, "--out", tmp_path / "none"],
+                                         cwd=REPO, capture_output=True, text=True, timeout=120),
+                          2, f"{torn / 'metrics.jsonl'}:", "is not valid JSON")
+    assert not (tmp_path / "none" / "report.md").exists()
 
 
 def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path, corpus):
