@@ -3,7 +3,6 @@ metrics, and the Slurm client commands the cluster tests use."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from gptcore.train import read_metrics
 
 # The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
 torch.set_num_threads(1)
@@ -70,14 +71,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
         assert fragment in lines[0], lines[0]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def run_metrics(run_dir: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl: steps, evaluations, probes."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     """{step: training loss} of every logged step."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_metrics(run_dir) if "loss" in r}
 
 
 # -- Slurm clients, pointed at a cluster by ENV (its SLURM_CONF) ---------------------------------

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, read_metrics
+from conftest import REPO, assert_one_line_error, run_metrics
 from gptcore.config import load_config
 from gptcore.distributed import RankContract, read_contract
 from gptcore.errors import UserInputError
@@ -31,7 +31,7 @@ def train(ranks: int, *overrides: str) -> subprocess.CompletedProcess:
 
 def losses(run_dir) -> list[float]:
     """Every logged loss in order, so that a step logged twice would show."""
-    return [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
+    return [record["loss"] for record in run_metrics(run_dir) if "loss" in record]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, assert_one_line_error, job_info, read_metrics, run_gptcore, sacct, slurm_command,
+from conftest import (REPO, assert_one_line_error, job_info, run_metrics, run_gptcore, sacct, slurm_command,
                       step_losses, wait_until, wait_until_ended)
 
 SCRIPT = ["bash", "env/local_slurm.sh"]
@@ -194,7 +194,7 @@ def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cl
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert job_info(cluster.env, job)["Restarts"] == "1" and sacct(cluster.env, job) == ["COMPLETED"]
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
-    logged = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert logged == list(range(100, 2001, 100))  # every step once: none lost, none repeated
     assert checkpoint_step(run_dir) == 2000
 
@@ -213,7 +213,7 @@ def test_sweep_across_one_and_two_nodes_reports_the_measured_link(cluster, corpu
     report = json.loads((out / "report" / "report.json").read_text())
     assert [(r["world_size"], r["nodes"], Path(r["path"]).name) for r in report["runs"]] == \
         [(1, 1, "n1-1x1"), (2, 2, "n2-2x1")]
-    probes = [r for r in read_metrics(out / "n2-2x1") if r.get("probe") == "allreduce"]
+    probes = [r for r in run_metrics(out / "n2-2x1") if r.get("probe") == "allreduce"]
     assert len(probes) == 1 and probes[0]["nodes"] == 2 and probes[0]["bytes"] == 4 * 2**20
     link = report["measured_link"]
     assert link["busbw_gbps"] == probes[0]["busbw_gbps"] > 0 and link["nodes"] == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.runs import merged_profile, top_functions
-from conftest import REPO, read_metrics
+from conftest import REPO, run_metrics
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
 
 def test_phases_are_timed_every_logged_step(profiled):
     run_dir, _ = profiled
-    records = read_metrics(run_dir)
+    records = run_metrics(run_dir)
     steps = [r for r in records if "ms_per_step" in r]
     assert [r["step"] for r in steps] == [5, 10, 15, 20]
     for record in steps:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, job_info, read_metrics, sacct, slurm_command, wait_until, wait_until_ended
+from conftest import REPO, job_info, run_metrics, sacct, slurm_command, wait_until, wait_until_ended
 from gptcore.checkpoint import load
 
 
@@ -95,7 +95,7 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     assert "world_size=4 launcher=srun device=cpu" in log_text("test-4gpu", train)
     assert sacct(ENV, train) == ["COMPLETED"]
     assert (run_dir / "ckpt.pt").is_file()
-    steps = [r for r in read_metrics(run_dir) if "loss" in r]
+    steps = [r for r in run_metrics(run_dir) if "loss" in r]
     assert steps[-1]["step"] == 20 and {r["world_size"] for r in steps} == {4}
 
     row = monitor_row(monitor_once(), train)
@@ -122,7 +122,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
     assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
-    logged = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert logged == list(range(50, 2001, 50))  # every step once: none lost, none repeated
     assert load(run_dir / "ckpt.pt")["step"] == 2000
 
@@ -146,7 +146,7 @@ def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
                       env={"CONFIG": "tiny", "LAUNCHER": "torchrun"})
     assert wait_until_ended(ENV, job, 120) == "COMPLETED", log_text("test-torchrun", job)
     assert "world_size=2 launcher=torchrun device=cpu" in log_text("test-torchrun", job)
-    assert read_metrics(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
+    assert run_metrics(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
 
 
 def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corpus, tmp_path):
@@ -172,5 +172,5 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
     assert out.strip() == str(run_dir)
     log = rank0_log.read_text()
     assert "world_size=2 launcher=submitit" in log and "resumed from" in log
-    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(50, 2001, 50))
+    assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == list(range(50, 2001, 50))
     assert job_info(ENV, job)["Restarts"] == "1"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, assert_one_line_error, read_metrics
+from conftest import REPO, assert_one_line_error, run_metrics
 
 
 def submit(*args, timeout=240) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def test_two_local_ranks_train_into_a_run_dir_named_after_the_job(tmp_path, corp
     try:
         job_id = out_dir.name.rpartition("-")[2]
         assert out_dir == REPO / "runs" / f"test-submit-local-{job_id}"
-        records = read_metrics(out_dir)
+        records = run_metrics(out_dir)
         assert {r["world_size"] for r in records if "loss" in r} == {2}
         assert max(r["step"] for r in records if "step" in r) == 20 and (out_dir / "ckpt.pt").is_file()
         rank0_log = (tmp_path / job_id / f"{job_id}_0_log.out").read_text()

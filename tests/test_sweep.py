@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_metrics
+from conftest import REPO, assert_one_line_error, run_metrics
 from launch.submit import slurm_answers
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
@@ -182,12 +182,12 @@ def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     # The report's numbers are the runs' own: recompute the 2-rank row from its metrics.jsonl.
     report = json.loads((report_dir / "report.json").read_text())
     one, two = (next(r for r in report["runs"] if r["world_size"] == n) for n in (1, 2))
-    step_ms_1, step_ms_2 = recomputed_step_ms(read_metrics(out / "n1")), recomputed_step_ms(read_metrics(out / "n2"))
+    step_ms_1, step_ms_2 = recomputed_step_ms(run_metrics(out / "n1")), recomputed_step_ms(run_metrics(out / "n2"))
     assert two["step_ms"] == pytest.approx(step_ms_2)
     assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
     assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
     assert rows[1][1] == f"{step_ms_2:.2f}"
-    assert one["final_loss"] == pytest.approx(read_metrics(out / "n1")[-2]["loss"])
+    assert one["final_loss"] == pytest.approx(run_metrics(out / "n1")[-2]["loss"])
 
     # Every rank profiled; the merged top list is the training step, not imports.
     four = next(r for r in report["runs"] if r["world_size"] == 4)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA, assert_one_line_error, read_metrics, run_gptcore, step_losses
+from conftest import SHARED_DATA, assert_one_line_error, run_metrics, run_gptcore, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_train_writes_run_dir_progress_and_a_sample(trained):
     assert "step 20/20 | loss" in out and "tok/s | ETA" in out and "ms/step" in out
     assert "eval step 20: train" in out and "bits/char" in out
     assert "--- sample (40 tokens" in out
-    records = read_metrics(run_dir)
+    records = run_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
     assert all(set(r["phases_ms"]) >= {"data", "forward", "backward", "optimizer"} for r in records if "loss" in r)
     assert records[-1]["eval"] and records[-1]["val_loss"] < 3.5  # learned something from log(vocab) ~ 3.3+
