@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from analysis.scaling import step_records
 from gptcore.config import Config, config_from_dict
 from gptcore.errors import UserInputError
 from gptcore.sampler import read_samples
@@ -41,7 +42,7 @@ def load_run(path: str | Path) -> Run:
             raise UserInputError(f"{path} is not a finished training run: {needed.name} is missing")
     config = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
     records = read_metrics(metrics)
-    steps = [r for r in records if not r.get("eval") and "ms_per_step" in r]
+    steps = step_records(records)
     if not steps:
         raise UserInputError(f"{metrics} has no step records; train for more than train.log_interval steps")
     samples = {p.stem: read_samples(p) for p in sorted((path / "samples").glob("node*.jsonl"))}

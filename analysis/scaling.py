@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from gptcore.profiling import STEP_PHASES
 
 
+def step_records(records: list[dict]) -> list[dict]:
+    """The records of training steps in a metrics log (not evaluations or all-reduce probes)."""
+    return [r for r in records if not r.get("eval") and "ms_per_step" in r]
+
+
 def train_ms(records: list[dict]) -> list[tuple[int, float]]:
     """(step, training ms per step) for each logged window. A window's wall time also holds any
     eval and checkpoint that ran since the previous log line; those are timed separately (as
     totals in phases_ms), so they are taken out here."""
     rows, previous_step = [], None
-    for record in records:
-        if record.get("eval") or "ms_per_step" not in record:
-            continue
+    for record in step_records(records):
         steps = record["step"] - previous_step if previous_step is not None else None
         previous_step = record["step"]
         phases = record.get("phases_ms") or {}
@@ -38,7 +41,7 @@ def train_ms(records: list[dict]) -> list[tuple[int, float]]:
 def steady_records(records: list[dict], warmup_fraction: float = 0.1) -> list[dict]:
     """Step records after warm-up: never the first logged window (allocator, first calls,
     lazy initialisation), and none in the first `warmup_fraction` of the run's steps."""
-    steps = [r for r in records if not r.get("eval") and "ms_per_step" in r]
+    steps = step_records(records)
     if len(steps) < 2:
         return steps
     cutoff = max(steps[0]["step"], warmup_fraction * steps[-1]["step"])

@@ -183,19 +183,16 @@ def run_query(command: list[str], required: bool) -> str:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
-        if required:
-            raise SystemExit(f"monitor: {command[0]} not found; run this where Slurm's clients are installed")
-        return ""
+        failure = "not found; run this where Slurm's clients are installed"
     except subprocess.TimeoutExpired:
-        if required:
-            raise SystemExit(f"monitor: {command[0]} did not answer in 30 s; is the Slurm controller up?")
-        return ""
-    if result.returncode != 0:
-        if required:
-            reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise SystemExit(f"monitor: {command[0]} failed: {reason}")
-        return ""
-    return result.stdout
+        failure = "did not answer in 30 s; is the Slurm controller up?"
+    else:
+        if result.returncode == 0:
+            return result.stdout
+        failure = f"failed: {(result.stderr.strip().splitlines() or ['no message'])[-1]}"
+    if required:
+        raise SystemExit(f"monitor: {command[0]} {failure}")
+    return ""
 
 
 def collect(runs: Path, since: str, job_ids: set[str] | None) -> list[tuple[Job, Progress]]:
