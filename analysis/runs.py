@@ -14,7 +14,7 @@ from analysis.scaling import step_records
 from gptcore.config import Config, config_from_dict
 from gptcore.errors import UserInputError
 from gptcore.sampler import read_samples
-from gptcore.train import read_metrics
+from gptcore.metrics import read_metrics
 
 
 @dataclass

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from gptcore.config import load_config  # noqa: E402
 from gptcore.data import read_meta, resolve_data  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
-from gptcore.train import read_metrics  # noqa: E402
+from gptcore.metrics import read_metrics  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-from gptcore.train import Trainer, read_metrics  # noqa: E402
+from gptcore.metrics import read_metrics  # noqa: E402
+from gptcore.train import Trainer  # noqa: E402
 from shapes import data_path, overrides  # noqa: E402
 
 SHAPES = {  # small: the nanoGPT-comparable shape of bench_train.py; tiny: the test config

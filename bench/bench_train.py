@@ -23,7 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptcore import train as train_module  # noqa: E402
+from gptcore.metrics import read_metrics  # noqa: E402
+from gptcore.train import Trainer  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from shapes import SHAPES, data_path, overrides  # noqa: E402
 
@@ -35,8 +36,8 @@ def measure(shape: str, steps: int, threads: int, extra: list[str]) -> dict:
             f"data.path={data_path()}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=10",
             f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
             "profile.sampler=false", f"train.threads={threads}", "train.warmup_iters=10"] + extra)
-        result = train_module.Trainer(config).run()
-        records = train_module.read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+        result = Trainer(config).run()
+        records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     windows = [r["ms_per_step"] for r in records if "ms_per_step" in r][2:]  # skip warm-up windows
     ms = statistics.median(windows)
     tokens = config.train.batch_size * config.model.block_size

@@ -1,24 +1,34 @@
-"""Atomic checkpoints that load without running pickle code.
+"""Checkpoints: atomic files that load without running pickle code, written in the background.
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists saved with torch.save and
 read back with `weights_only=True`, so a file from elsewhere cannot execute code on load. It is
 written to a temporary file in the same directory, fsynced, then renamed over the old one: a
 crash mid-save leaves the previous checkpoint intact.
+
+`Checkpointer` is the trainer's one component for saving: it copies the state to host memory
+(the only part the training loop waits for) and writes the file in a background thread, one
+save in flight at a time. Each rank's random generators (the CPU one and its own GPU's) are
+gathered into the file, so a resumed run draws the same dropout masks on every rank.
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import os
 import tempfile
+import threading
+import zlib
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
-from gptcore.errors import UserInputError
+from gptcore import distributed
+from gptcore.errors import TrainingFailure, UserInputError
 
 FORMAT = "gptcore-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a checksum of the tensors in the header; version 1 files still load
+CHECKSUM_FROM_VERSION = 2
 
 
 def current_umask() -> int:
@@ -27,7 +37,9 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(handle) on a temporary file beside path, fsync it, rename it over path, and
+    fsync the directory, so that path is always either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -36,7 +48,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         # report directories stay readable by the group.
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -50,14 +62,37 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
+def payload_checksum(tree, crc: int = 0) -> int:
+    """CRC-32 of a nested state: every tensor's bytes with its place, dtype and shape, and every
+    other value's repr, in a fixed order. It catches a file damaged on disk or in transfer (flipped
+    bytes still unpickle fine); it is no defence against someone who rewrites the file, checksum
+    included: the loaders' own checks of names, shapes and values are."""
+    if isinstance(tree, torch.Tensor):
+        crc = zlib.crc32(f"{tree.dtype}{tuple(tree.shape)}".encode(), crc)
+        return zlib.crc32(tree.detach().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            crc = payload_checksum(tree[key], zlib.crc32(str(key).encode(), crc))
+        return crc
+    if isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            crc = payload_checksum(value, zlib.crc32(str(index).encode(), crc))
+        return crc
+    return zlib.crc32(repr(tree).encode(), crc)
+
+
 def save(state: dict, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    """torch.save with the payload checksum in the header, atomically."""
+    stamped = {**state, "checksum": payload_checksum(state)}
+    atomic_write(path, lambda handle: torch.save(stamped, handle))
 
 
 def load(path: Path, expected_format: str | None = None) -> dict:
-    """Read a checkpoint or raise one clear UserInputError (missing, truncated, foreign)."""
+    """Read a checkpoint or raise one clear UserInputError (missing, truncated, foreign, damaged)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist; train a model first or check the path")
@@ -72,18 +107,158 @@ def load(path: Path, expected_format: str | None = None) -> dict:
         raise UserInputError(f"{path} is not a gptcore checkpoint; pass a ckpt.pt written by `gptcore train`")
     if expected_format and state["format"] != expected_format:
         raise UserInputError(f"{path} is a {state['format']} file, expected {expected_format}")
+    stored = state.pop("checksum", None)
+    version = state.get("version")
+    if stored is None and isinstance(version, int) and version >= CHECKSUM_FROM_VERSION:
+        raise UserInputError(f"checkpoint {path} has no checksum though its format version {version} requires one; "
+                             "it was altered: use another checkpoint or retrain")
+    if stored is not None and stored != payload_checksum(state):
+        raise UserInputError(f"checkpoint {path} fails its integrity check (its tensors do not match the checksum "
+                             "in its header): the file is damaged; use another checkpoint or retrain")
     return state
 
 
-def rng_state() -> dict:
-    """The global generators that training draws from (dropout, init); the data has its own."""
+# -- random generators ------------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict:
+    """This rank's global generators that training draws from (dropout, init): the CPU one, and
+    the one of the GPU it trains on. The data has its own generator."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every rank's rng_state, in rank order (collective: every rank calls it). The states travel
+    as byte tensors on the training device, which is what NCCL can send."""
+    own = rng_state(device)
+    gathered = {name: distributed.gather_tensors(state.to(device)) for name, state in own.items()}
+    return [{name: states[rank].cpu() for name, states in gathered.items()}
+            for rank in range(len(gathered["torch"]))]
+
+
+def restore_rng_state(states: list[dict], rank: int, device: torch.device) -> bool:
+    """Set this rank's generators from a checkpoint's list; False when the checkpoint had fewer
+    ranks than this run (this rank then keeps its fresh seed). A GPU state is set only on a GPU:
+    a checkpoint from a GPU run resumes on the CPU and the other way round."""
+    if rank >= len(states):
+        return False
+    state = states[rank]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return True
+
+
+# -- saving in the background --------------------------------------------------------------------
+
+def to_host(tree):
+    """A copy of a nested state (dicts, lists, tensors) with every tensor on the CPU, for a
+    background thread to serialize while training goes on changing the originals. GPU tensors go
+    to pinned memory without a wait each, then one synchronization; tensors that share storage
+    (the tied embedding and head) stay shared, so the file holds them once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    on_gpu = False
+
+    def copy(value):
+        nonlocal on_gpu
+        if isinstance(value, torch.Tensor):
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                   value.stride(), value.dtype, value.device)
+            if key not in copies:
+                if value.is_cuda:
+                    on_gpu = True
+                    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                    copies[key] = host.copy_(value.detach(), non_blocking=True)
+                else:
+                    copies[key] = value.detach().clone()
+            return copies[key]
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    result = copy(tree)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return result
+
+
+def write_failure(path: Path, err: OSError, kept: str) -> TrainingFailure:
+    """One line for a checkpoint that could not be written."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TrainingFailure(f"no space left on the device to write {path} ({err.strerror}); {kept}; "
+                               "free space or point out_dir elsewhere, then rerun with resume=auto")
+    return TrainingFailure(f"could not write {path} ({err.strerror or err}); {kept}")
+
+
+class Checkpointer:
+    """A run's checkpoint: finding and restoring it, and saving without stalling training.
+
+    save() gathers every rank's generators, copies the state to host memory and returns; a
+    background thread writes the file atomically. A second save first waits for the one in
+    flight, so at most one copy of the state is held and the file on disk is always a whole
+    checkpoint. A failed write surfaces, as one line, at the next save() or wait()."""
+
+    def __init__(self, path: Path, device: torch.device, rank: int, background: bool = True):
+        self.path = Path(path)
+        self.device, self.rank = device, rank
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: TrainingFailure | None = None
+        self.saved_step: int | None = None  # the newest step whose file is complete on disk
+
+    def existing(self, resume: str) -> dict | None:
+        """The checkpoint to resume from, if any; refuses to overwrite a run unless resume=auto."""
+        if not self.path.exists():
+            return None
+        if resume != "auto":
+            raise UserInputError(
+                f"{self.path} already exists; pass resume=auto to continue that run or choose another out_dir")
+        return load(self.path, FORMAT)
+
+    def restore(self, state: dict, model: torch.nn.Module, optimizer, data) -> tuple[int, float]:
+        """Load a checkpoint into the run's objects; returns (step, best validation loss)."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data.load_state_dict(state["data"])
+        restore_rng_state(state["rng"], self.rank, self.device)
+        self.saved_step = state["step"]
+        return state["step"], state["best_val_loss"]
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, data, **run: object) -> None:
+        """Collective: every rank calls it, rank 0 writes. `run` adds the run's description
+        (config, vocab, world_size, best_val_loss). Blocks only for the copy to host memory."""
+        rng = gather_rng_states(self.device)
+        if self.rank != 0:
+            return
+        self.wait()
+        snapshot = to_host({"format": FORMAT, "version": FORMAT_VERSION, "step": step,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "data": data.state_dict(), "rng": rng, **run})
+        if not self.background:
+            self._write(snapshot)
+            self.wait()
+            return
+        self.thread = threading.Thread(target=self._write, args=(snapshot,), name="gptcore-checkpoint")
+        self.thread.start()
+
+    def _write(self, snapshot: dict) -> None:
+        try:
+            save(snapshot, self.path)
+            self.saved_step = snapshot["step"]
+        except OSError as err:
+            kept = (f"the previous checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None
+                    else f"{self.path} was not changed")
+            self.error = write_failure(self.path, err, kept)
+
+    def wait(self) -> None:
+        """Until the save in flight is on disk; raises its failure, once."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

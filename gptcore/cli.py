@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -20,10 +21,38 @@ from gptcore.errors import GptcoreError, UserInputError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but its usage errors take the same one-line path as every other error."""
+    """argparse, but its usage errors take the same one-line path as every other error, and
+    --help shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise UserInputError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UserInputError(f"{message} (see {self.prog} --help)")
+
+
+def at_least(lowest: int):
+    """An argparse type: an integer no smaller than `lowest`, refused in one line otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+    return parse
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
 
 
 def cmd_prepare(args) -> None:
@@ -44,9 +73,9 @@ def cmd_train(args) -> None:
     if finished and trainer.is_main and config.train.sample_tokens:
         from gptcore.inference import generate_text, load_model
 
-        loaded = load_model(trainer.ckpt_path)
+        loaded = load_model(trainer.ckpt_path, str(trainer.device))
         text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
-        print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s) ---")
+        print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
         print(text.strip("\n"))
         print("---")
 
@@ -58,12 +87,14 @@ def cmd_sample(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     loaded = load_model(args.ckpt, args.device)
     text, speed = generate_text(loaded, args.prompt, args.tokens, args.temperature, args.top_k or None,
-                                args.seed, use_cache=not args.no_cache)
+                                seed, use_cache=not args.no_cache, compile=args.compile)
     print(text)
-    print(f"[{args.tokens} tokens at {speed:.1f} tokens/s, {loaded.kind}, "
-          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
+    print(f"[{args.tokens} tokens at {speed:.1f} tokens/s on {loaded.device}, {loaded.kind}, "
+          f"{'no cache' if args.no_cache else 'KV cache'}{', compiled' if args.compile else ''}; "
+          f"--seed {seed} repeats it]", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
@@ -79,9 +110,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from gptcore.quantize import main as quantize_main
+    from gptcore.convert import quantize_command
 
-    quantize_main(args)
+    quantize_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,37 +130,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
     p.set_defaults(func=cmd_train)
 
+    device_help = "auto (the GPU if there is one; the CPU for int8/int4), cpu, cuda or cuda:N"
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train or quantize")
+    p.add_argument("--prompt", default="\n", help="text to continue (only characters the model saw)")
+    p.add_argument("--tokens", type=at_least(1), default=500, help="characters to generate")
+    p.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 picks the likeliest character")
+    p.add_argument("--top-k", type=at_least(0), default=200, help="sample among the k likeliest; 0 for all")
+    p.add_argument("--seed", type=at_least(0), default=None, help="repeat a sample (default: a fresh seed, printed)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads; 0 leaves torch's default")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token step (CUDA graphs on a GPU): pays off for long samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="validation loss and bits per character of a checkpoint")
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train or quantize")
     p.add_argument("--data", default=None, help="text file, prepared directory or corpus (default: the training data)")
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batches", type=at_least(1), default=20, help="fixed validation batches")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="rows per batch")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train")
     p.add_argument("--mode", required=True, choices=["int8", "int4", "bf16"])
-    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale along the input")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: weights per scale along the input (default 64, or 32 where 64 does not "
+                        "divide n_embd)")
     p.add_argument("--out", required=True, help="quantized checkpoint; the report goes beside it as .json")
     p.add_argument("--data", default=None, help="text to evaluate on (default: the training data)")
     p.add_argument("--eval-batches", type=int, default=20, help="fixed val batches for the loss report; 0 skips")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--bench-tokens", type=int, default=200, help="new tokens for the CPU decode speed; 0 skips")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per evaluation batch")
+    p.add_argument("--bench-tokens", type=int, default=200, help="new tokens for the decode speed; 0 skips")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the decode speed")
+    p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_quantize)
     return parser
 

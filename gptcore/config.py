@@ -53,11 +53,15 @@ class TrainConfig:
     eval_interval: int = 500
     eval_iters: int = 20
     log_interval: int = 10
-    ckpt_interval: int = 0  # 0 means at every evaluation
+    ckpt_interval: int = 500  # steps between checkpoints; 0: only at the end, at stop_at and on preemption
+    ckpt_background: bool = True  # write checkpoints in a background thread (the loop waits only for a copy)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast where the GPU or CPU does bf16 natively | float32 | bfloat16
-    compile: bool = False
+    compile: str = "auto"  # auto: torch.compile on CUDA, not on the CPU (where it did not pay) | true | false
+    deterministic: bool = False  # bit-identical runs on CUDA too: deterministic kernels, no TF32 (slower)
+    single_rank_group: bool = False  # one rank still forms a process group and wraps DDP (measures DDP's cost)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     sample_tokens: int = 200  # text generated at the end of training; 0 for none
     timeout_s: int = 300  # a rank that waits longer than this on the others fails the job
@@ -66,7 +70,7 @@ class TrainConfig:
 
 @dataclass
 class ProfileConfig:
-    phases: bool = True  # per-phase step timers (synchronize the GPU at phase ends)
+    phases: bool = True  # per-phase step timers (CUDA events on a GPU, read at log steps)
     cprofile: bool = False
     torch: bool = False
     torch_start: int = 5  # first step of the torch.profiler window
@@ -94,6 +98,7 @@ CHOICES = {
     "train.scaling": ("strong", "weak"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
+    "train.compile": ("auto", "true", "false"),
 }
 
 
@@ -140,6 +145,8 @@ def parse_value(key: str, raw, kind: type):
             raise UserInputError(f"config key {key} needs a number, got {raw!r}") from None
     if isinstance(raw, (dict, list)):
         raise UserInputError(f"config key {key} needs a single value, got {raw!r}")
+    if isinstance(raw, bool):  # YAML's `compile: true` for a key that also takes auto
+        return "true" if raw else "false"
     return str(raw)
 
 
@@ -243,6 +250,7 @@ def validate(config: Config) -> Config:
         "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
         "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads,
         "train.sample_tokens": t.sample_tokens, "train.stop_at": t.stop_at,
+        "train.peak_tflops": t.peak_tflops,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -254,18 +254,24 @@ class Shard:
 
 
 class Batches:
-    """Random windows of the token stream, drawn from one seeded generator.
+    """Random windows of the token stream, drawn from one seeded generator, as tensors on `device`.
 
     Every rank draws the same global batch of offsets and keeps its own slice, so N ranks x B
     rows take exactly the rows 1 rank x N*B would. The generator's state is the data position
-    saved in checkpoints, which makes resume exact."""
+    saved in checkpoints, which makes resume exact. On a GPU the token array itself moves to the
+    device when it fits (GPU_TOKENS_MAX_BYTES), and rows are gathered there; larger corpora are
+    read from the memmap and copied over through pinned memory."""
 
-    def __init__(self, data_dir: Path, block_size: int, seed: int, shard: Shard = Shard()):
+    GPU_TOKENS_MAX_BYTES = 2 * 2**30
+
+    def __init__(self, data_dir: Path, block_size: int, seed: int, shard: Shard = Shard(),
+                 device: torch.device = torch.device("cpu")):
         meta = read_meta(data_dir)
         self.meta = meta
         self.block_size = block_size
         self.shard = shard
         self.seed = seed
+        self.device = torch.device(device)
         dtype = np.dtype(meta["dtype"])
         self.splits = {
             split: np.memmap(Path(data_dir) / f"{split}.bin", dtype=dtype, mode="r")
@@ -278,12 +284,23 @@ class Batches:
                     f"use a longer text or a smaller model.block_size")
         self.generator = torch.Generator().manual_seed(seed)
         self.window = torch.arange(block_size + 1)
+        self.on_device = {}  # split -> int32 token tensor on the GPU
+        if self.device.type == "cuda":
+            for split, tokens in self.splits.items():
+                if 4 * len(tokens) <= self.GPU_TOKENS_MAX_BYTES:
+                    self.on_device[split] = torch.from_numpy(tokens.astype(np.int32)).to(self.device)
+            self.window = self.window.to(self.device)
 
     def _rows(self, split: str, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_rank = len(offsets) // self.shard.world_size
         mine = offsets[self.shard.rank * per_rank:(self.shard.rank + 1) * per_rank]
-        index = (mine[:, None] + self.window).numpy()
-        rows = torch.from_numpy(self.splits[split][index].astype(np.int64))
+        if split in self.on_device:
+            index = mine.pin_memory().to(self.device, non_blocking=True)[:, None] + self.window
+            rows = self.on_device[split][index].long()
+        else:
+            rows = torch.from_numpy(self.splits[split][(mine[:, None] + self.window.cpu()).numpy()].astype(np.int64))
+            if self.device.type == "cuda":
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def _offsets(self, split: str, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from gptcore.errors import UserInputError
 
@@ -84,24 +85,71 @@ def read_contract(env=os.environ) -> RankContract:
     return RankContract()
 
 
+def cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of a rank: its local rank. Wrapping around would put two ranks on one GPU, where
+    they compete for its memory and NCCL refuses to run, so more ranks than GPUs is an error."""
+    if local_rank >= device_count:
+        raise UserInputError(
+            f"local rank {local_rank} has no GPU of its own: {device_count} visible on this node "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+            f"{device_count} rank(s) per node, or train.device=cpu")
+    return local_rank
+
+
 def choose_device(contract: RankContract, preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserInputError("train.device=cuda but no CUDA device is usable here; use train.device=auto or cpu")
     if preference != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", contract.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", cuda_index(contract.local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
-def init_process_group(contract: RankContract, device: torch.device, timeout_s: int) -> None:
-    """Join the other ranks; a rank that dies makes the survivors fail after timeout_s, not hang."""
-    if contract.world_size == 1:
+def nccl_environment(run_dir: str | None, env=os.environ) -> dict[str, str]:
+    """NCCL settings for a run, unless the user set them: a collective that fails (a dead peer,
+    a timeout) aborts the communicator and raises in Python (error handling 2, "clean up only"),
+    instead of killing the process from NCCL's watchdog thread with no message; and the flight
+    recorder keeps the last collectives, dumped into the run directory on a timeout."""
+    wanted = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    }
+    if run_dir:
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(run_dir, "hang", "nccl_trace_rank_")
+    return {name: value for name, value in wanted.items() if name not in env}
+
+
+def init_process_group(contract: RankContract, device: torch.device, timeout_s: int, run_dir: str | None = None,
+                       single_rank: bool = False) -> None:
+    """Join the other ranks; a rank that dies makes the survivors fail after timeout_s, not hang.
+    One rank forms no group unless single_rank asks for one (to measure what a group costs)."""
+    if contract.world_size == 1 and not single_rank:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        os.environ.update(nccl_environment(run_dir))
+        if run_dir:
+            os.makedirs(os.path.join(run_dir, "hang"), exist_ok=True)
     dist.init_process_group(
         backend=backend, init_method=f"tcp://{contract.master_addr}:{contract.master_port}",
         rank=contract.rank, world_size=contract.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def backend_name() -> str:
+    """What really carries the collectives: nccl, gloo, or none without a process group."""
+    return dist.get_backend() if is_initialized() else "none"
+
+
+def parallelize(model: torch.nn.Module, device: torch.device, compile_model: bool) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
+    """The module that training calls, and its DDP wrapper when there is a process group (for
+    no_sync). DDP goes inside torch.compile, so that compile splits the graph at DDP's bucket
+    boundaries and the all-reduce of one bucket overlaps the backward of the next."""
+    ddp = None
+    if is_initialized():
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = ddp
+    return (torch.compile(model) if compile_model else model), ddp
 
 
 def lost_peer(err: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Using a trained model: load a checkpoint, generate text, measure validation loss.
+"""Using a trained model: load a checkpoint, generate text, measure validation loss and decode speed.
 
     gptcore sample --ckpt runs/cpu/ckpt.pt --prompt "ROMEO:" --tokens 300
     gptcore eval --ckpt runs/cpu/ckpt.pt --json
@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
-from gptcore import checkpoint
+from gptcore import checkpoint, hardware
 from gptcore.config import config_from_dict
 from gptcore.data import Batches, CharTokenizer, resolve_data
 from gptcore.errors import UserInputError
 from gptcore.model import GPT
+from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
+
+DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
 
 
 @dataclass
@@ -26,9 +29,33 @@ class LoadedModel:
     tokenizer: CharTokenizer
     config: object
     kind: str  # "fp32" or a quantization mode
+    device: torch.device
 
 
-def load_model(ckpt_path: Path, device: str = "cpu") -> LoadedModel:
+def resolve_device(choice: str, kind: str) -> torch.device:
+    """`auto`: the GPU when there is one, except for int8/int4 files, whose kernels are CPU
+    kernels; an explicit device must exist and suit the file."""
+    if choice == "auto":
+        usable = torch.cuda.is_available() and kind not in CPU_ONLY_MODES
+        return torch.device("cuda" if usable else "cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"--device {choice!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"--device {choice!r}: gptcore runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {choice}: no CUDA device is usable here; use --device auto or cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserInputError(f"--device {choice}: only {torch.cuda.device_count()} GPU(s) are visible")
+        if kind in CPU_ONLY_MODES:
+            raise UserInputError(f"{kind} checkpoints run on the CPU (--device cpu); for a GPU, "
+                                 "export one with `gptcore quantize --mode bf16`")
+    return device
+
+
+def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
     state = checkpoint.load(ckpt_path)
     try:
         config = config_from_dict(state["config"])
@@ -37,29 +64,71 @@ def load_model(ckpt_path: Path, device: str = "cpu") -> LoadedModel:
             model.load_state_dict(state["model"])
             kind = "fp32"
         else:
-            from gptcore.quantize import model_from_quantized
-
             model, kind = model_from_quantized(state, config)
         tokenizer = CharTokenizer(state["vocab"])
     except UserInputError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({err}); retrain or re-export it") from None
-    return LoadedModel(model.to(device).eval(), tokenizer, config, kind)
+    target = resolve_device(device, kind)
+    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target)
+
+
+def timed_generate(loaded: LoadedModel, idx: torch.Tensor, tokens: int, seed: int, temperature: float,
+                   top_k: int | None, use_cache: bool, compile: bool) -> tuple[torch.Tensor, float]:
+    """(idx with `tokens` new tokens, tokens/s). The speed is timed after a short warm-up with its
+    own generator, and up to the device having finished, so a GPU's queued work is counted."""
+    device = loaded.device
+    def run(count: int, generator_seed: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(generator_seed)
+        return loaded.model.generate(idx, count, temperature=temperature, top_k=top_k, generator=generator,
+                                     use_cache=use_cache, compile=compile)
+    run(min(tokens, DECODE_WARMUP_TOKENS), seed + 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = run(tokens, seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return out, tokens / elapsed if elapsed > 0 else float("inf")
 
 
 def generate_text(loaded: LoadedModel, prompt: str, tokens: int, temperature: float = 0.8,
-                  top_k: int | None = 200, seed: int = 1337, use_cache: bool = True) -> tuple[str, float]:
+                  top_k: int | None = 200, seed: int = 1337, use_cache: bool = True,
+                  compile: bool = False) -> tuple[str, float]:
     """The prompt plus `tokens` new characters, and the generation speed in tokens/s."""
-    device = next(loaded.model.parameters()).device
     ids = loaded.tokenizer.encode(prompt or "\n")
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    start = time.perf_counter()
-    out = loaded.model.generate(idx, tokens, temperature=temperature, top_k=top_k,
-                                generator=generator, use_cache=use_cache)
-    elapsed = time.perf_counter() - start
-    return loaded.tokenizer.decode(out[0].tolist()), tokens / elapsed if elapsed > 0 else float("inf")
+    idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+    out, speed = timed_generate(loaded, idx, tokens, seed, temperature, top_k, use_cache, compile)
+    return loaded.tokenizer.decode(out[0].tolist()), speed
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (the tied head
+    and embedding are one tensor), except the position table, of which it reads one row. The KV
+    cache is left out, as gpt-fast does: at these lengths it is small next to the weights."""
+    seen, total = set(), 0
+    skipped = {id(t) for t in model.transformer.wpe.parameters()} | {id(t) for t in model.transformer.wpe.buffers()}
+    for tensor in (*model.parameters(), *model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen and id(tensor) not in skipped:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_speed(loaded: LoadedModel, tokens: int, seed: int, compile: bool = False) -> dict:
+    """Batch-1 decode with the KV cache: tokens/s and the memory bandwidth it implies (weight
+    bytes read per token x tokens/s) against the device's, as gpt-fast reports it."""
+    idx = torch.tensor([loaded.tokenizer.encode("\n")], dtype=torch.long, device=loaded.device)
+    _, speed = timed_generate(loaded, idx, tokens, seed, 0.8, 200, True, compile)
+    read = weight_bytes(loaded.model)
+    peak, source = hardware.memory_gbps(loaded.device)
+    achieved = read * speed / 1e9
+    return {"tokens_per_s": speed, "weight_bytes": read, "achieved_gbps": achieved,
+            "bandwidth_gbps": peak, "bandwidth_source": source, "bandwidth_utilization": achieved / peak,
+            "device": str(loaded.device), "compiled": compile, "new_tokens": tokens}
 
 
 @torch.no_grad()
@@ -70,15 +139,15 @@ def evaluate(loaded: LoadedModel, data_path: str | None, batches: int = 20, batc
     config = loaded.config
     data_dir = resolve_data(data_path or config.data.path, config.data.clean,
                             scratch_dir or Path(config.out_dir) / "data")
-    data = Batches(data_dir, config.model.block_size, seed=config.train.seed)
+    data = Batches(data_dir, config.model.block_size, seed=config.train.seed, device=loaded.device)
     if data.meta["vocab"] != loaded.tokenizer.vocab:
         raise UserInputError(f"the data at {data_dir} has another vocabulary than the checkpoint; "
                              "evaluate on the text the model was trained on")
-    device = next(loaded.model.parameters()).device
-    total = 0.0
+    total = torch.zeros((), device=loaded.device)
     for x, y in data.eval_batches("val", batches, batch_size):
-        _, loss = loaded.model(x.to(device), y.to(device))
-        total += loss.item()
-    val_loss = total / batches
+        _, loss = loaded.model(x, y)
+        total += loss.float()
+    val_loss = total.item() / batches
     return {"val_loss": val_loss, "val_bpc": val_loss / math.log(2), "batches": batches,
-            "batch_size": batch_size, "block_size": config.model.block_size, "model": loaded.kind}
+            "batch_size": batch_size, "block_size": config.model.block_size, "model": loaded.kind,
+            "device": str(loaded.device)}

@@ -17,20 +17,21 @@ from gptcore.config import ModelConfig
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, preallocated for the whole context window so
-    that each generated token writes one slot instead of concatenating tensors."""
+    """Keys and values for every position of the context window, allocated once and written at the
+    positions a tensor names (gpt-fast's static cache). A decode step then has the same shapes and
+    the same addresses every time, which is what torch.compile and CUDA graphs need; the causal
+    mask row of a position says which cached keys it may see, so stale slots never leak in."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_dim: int, device, dtype):
-        shape = (batch, n_head, block_size, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.length = 0
+    def __init__(self, config: ModelConfig, batch: int, device, dtype):
+        shape = (config.n_layer, batch, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.causal = torch.ones(config.block_size, config.block_size, dtype=torch.bool, device=device).tril()
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].index_copy_(2, pos, k)
+        self.values[layer].index_copy_(2, pos, v)
+        return self.keys[layer], self.values[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,20 +44,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            # Prefill fills an empty cache (causal over T tokens); each later step adds one token
-            # that may attend to everything cached, so it needs no mask.
-            assert T == 1 or cache.length == 0, "prefill only into an empty cache"
-            k, v = cache.append(layer, k, v)
-        y = self.attend(q, k, v, causal=T > 1)
+        if cache is None:
+            y = self.attend(q, k, v)
+        else:
+            k, v = cache.update(layer, pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.causal[pos])
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
             # PyTorch's CPU flash attention runs forward as fast in bf16 as in fp32, but its backward
@@ -64,9 +65,20 @@ class CausalSelfAttention(nn.Module):
             # in fp32 and only the matmuls around it in bf16.
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
-                                                   is_causal=causal)
+                                                   is_causal=True)
             return y.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activations' dtype, and returned in theirs: a model
+    stored in bf16 keeps its norms (a few KB) in fp32, so that evaluating it measures the bf16
+    matrices, not the rounding of the statistics. Under autocast this is what PyTorch does anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -83,13 +95,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -103,7 +116,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
@@ -113,6 +126,7 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._decode_steps = {}  # compiled one-token steps, by torch.compile mode
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -134,59 +148,86 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                pos: torch.Tensor | None = None):
+        """Logits (and the loss against targets). With a cache, `pos` holds the positions of idx's
+        tokens in the window, and their keys and values are written there."""
         T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        assert start + T <= self.config.block_size, "sequence longer than block_size"
-        pos = torch.arange(start, start + T, device=idx.device)
+        assert T <= self.config.block_size, "sequence longer than block_size"
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
-        if cache is not None:
-            cache.length += T
+            x = block(x, cache, layer, pos)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # generation needs only the last position
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def new_cache(self, batch: int, device, dtype) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+    def activation_dtype(self, device) -> torch.dtype:
+        """What the embeddings hand the blocks: the weights' dtype, or fp32 for quantized tables."""
+        return self.transformer.wte(torch.zeros(1, 1, dtype=torch.long, device=device)).dtype
+
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits after one token at position `pos` (a 1-element tensor), cached keys before it."""
+        return self(token, cache=cache, pos=pos)[0]
+
+    def compiled_decode_step(self, device: torch.device):
+        """decode_step through torch.compile, built once per mode: CUDA graphs on a GPU
+        ("reduce-overhead": one replay per token, no kernel launches from Python)."""
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        if mode not in self._decode_steps:
+            self._decode_steps[mode] = torch.compile(self.decode_step, mode=mode, fullgraph=True)
+        return self._decode_steps[mode]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T).
+                 use_cache: bool = True, compile: bool = False) -> torch.Tensor:
+        """idx (B, T) followed by max_new_tokens sampled tokens.
 
         The context is a window of at most block_size tokens. When it is full it slides forward
-        by half a block, so the cache is rebuilt once every block_size/2 tokens rather than on
-        every token; without the cache each token recomputes the same window from scratch, which
-        is what makes the two paths comparable token for token."""
-        window = self.config.block_size
+        by half a block, and the cache is refilled from the tokens kept, once every block_size/2
+        tokens rather than on every token; without the cache each token recomputes the same
+        window from scratch, which is what makes the two paths comparable token for token.
+        Tokens are written into one preallocated tensor and never read back on the host, so a
+        GPU runs ahead of Python. `compile` runs the one-token step through torch.compile."""
+        B, prompt = idx.shape
+        window, device = self.config.block_size, idx.device
         keep = max(1, window // 2)
-        start = max(0, idx.size(1) - window)
-        cache = None
-        for _ in range(max_new_tokens):
-            if idx.size(1) - start > window:
-                start = idx.size(1) - keep
-                cache = None
+        out = torch.empty(B, prompt + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :prompt] = idx
+        start = max(0, prompt - window)  # the window's first token
+        cache, pos, refill = None, None, True
+        if use_cache:
+            cache = KVCache(self.config, B, device, self.activation_dtype(device))
+            step = self.compiled_decode_step(device) if compile else self.decode_step
+            if compile:
+                for tensor in (cache.keys, cache.values, cache.causal):
+                    torch._dynamo.mark_static_address(tensor)  # CUDA graphs read them in place
+        for t in range(prompt, prompt + max_new_tokens):
+            if t - start > window:
+                start, refill = t - keep, True
             if not use_cache:
-                logits, _ = self(idx[:, start:])
-            elif cache is None:
-                # ln_f keeps the activation dtype even when the matrices are stored quantized.
-                cache = self.new_cache(idx.size(0), idx.device, self.transformer.ln_f.weight.dtype)
-                logits, _ = self(idx[:, start:], cache=cache)
+                logits, _ = self(out[:, start:t])
+            elif refill:
+                filled = t - start
+                logits, _ = self(out[:, start:t], cache=cache, pos=torch.arange(filled, device=device))
+                pos, refill = torch.full((1,), filled, dtype=torch.long, device=device), False
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
-        return idx
+                logits = step(out[:, t - 1:t], pos, cache)
+                pos += 1
+            out[:, t] = sample_next(logits[:, -1, :], temperature, top_k, generator)[:, 0]
+        return out
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    over the top_k. The draw is argmax(p / E) with E ~ Exp(1) per entry, which picks index i with
+    probability p_i, as torch.multinomial does, without its host synchronization on a GPU."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -194,4 +235,5 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1, keepdim=True)

@@ -2,8 +2,9 @@
 
 Phase timers split each step into data, forward, backward (which includes DDP's gradient
 all-reduce, overlapped with the backward pass) and optimizer; eval and checkpoint are timed when
-they happen. On a GPU each phase ends with a device synchronization, otherwise the timer would
-measure only how long it took to queue the kernels.
+they happen. On a GPU the step phases are bracketed by CUDA events, which the GPU stamps as it
+reaches them: they are read when the window is drained at a log step, with one synchronization
+there, so timing never stalls the GPU mid-step. Eval and checkpoint are timed on the host clock.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ STEP_PHASES = ("data", "forward", "backward", "optimizer")
 
 class PhaseTimer:
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.sync = device.type == "cuda" and enabled
+        self.events = device.type == "cuda" and enabled
+        self.device = device
         self.enabled = enabled
-        self.totals: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, float] = defaultdict(float)  # seconds
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.steps = 0
 
     @contextmanager
@@ -35,12 +38,22 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
+        if self.events and name in STEP_PHASES:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.pending.append((name, start, end))
+            return
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.sync:
-                torch.cuda.synchronize()
+            if self.events:
+                torch.cuda.synchronize(self.device)
             self.totals[name] += time.perf_counter() - start
 
     def step_done(self) -> None:
@@ -49,6 +62,11 @@ class PhaseTimer:
     def drain(self) -> dict[str, float]:
         """Mean milliseconds per step for each phase since the last drain; eval and checkpoint
         are reported as totals (they are not per step)."""
+        if self.pending:
+            self.pending[-1][2].synchronize()
+            for name, start, end in self.pending:
+                self.totals[name] += start.elapsed_time(end) / 1000
+            self.pending.clear()
         steps = max(self.steps, 1)
         report = {name: round(1000 * self.totals.get(name, 0.0) / steps, 3) for name in STEP_PHASES}
         for name, total in self.totals.items():

@@ -37,8 +37,6 @@ int4 are ~0.8x fp32 there. The kernels are CPU kernels: for a GPU, export bf16.
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -49,8 +47,9 @@ from gptcore.errors import UserInputError
 from gptcore.model import GPT
 
 FORMAT = "gptcore-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LayerNorms kept in fp32 in bf16 files, a payload checksum in the header
 MODES = ("int8", "int4", "bf16")
+CPU_ONLY_MODES = ("int8", "int4")  # their kernels are PyTorch's CPU kernels
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 TIED_HEAD = "lm_head.weight"  # the token embedding; stored once
@@ -107,7 +106,8 @@ def quantize_weights(weights: dict[str, torch.Tensor], mode: str, group_size: in
             continue
         tensor = tensor.float()
         if mode == "bf16":
-            out[name] = tensor.to(torch.bfloat16)
+            # The norms stay fp32 (a few KB): gptcore.model.LayerNorm computes in fp32 anyway.
+            out[name] = tensor if is_norm(name) else tensor.to(torch.bfloat16)
         elif tensor.dim() == 2 and (mode == "int8" or name in EMBEDDINGS):
             out[name + ".int8"], out[name + ".scales"] = quantize_int8(tensor)
         elif tensor.dim() == 2:
@@ -115,6 +115,11 @@ def quantize_weights(weights: dict[str, torch.Tensor], mode: str, group_size: in
         else:
             out[name] = tensor
     return out
+
+
+def is_norm(name: str) -> bool:
+    """A LayerNorm's weight or bias: `transformer.h.0.ln_1.weight`, `transformer.ln_f.bias`."""
+    return name.rsplit(".", 2)[-2].startswith("ln_")
 
 
 def int4_problem(model: ModelConfig, group_size: int) -> str | None:
@@ -194,6 +199,14 @@ class Int8Embedding(nn.Module):
 # Checkpoints
 
 
+def check_group_size(mode: str, group_size: int, model: ModelConfig) -> None:
+    if group_size <= 0:
+        raise UserInputError(f"--group-size must be a positive number of weights per scale, got {group_size}; "
+                             f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    if mode == "int4" and (problem := int4_problem(model, group_size)):
+        raise UserInputError(f"--group-size: {problem}")
+
+
 def quantized_checkpoint(state: dict, mode: str, group_size: int) -> dict:
     """A trainer checkpoint -> a self-describing quantized checkpoint (no optimizer state)."""
     return {
@@ -264,6 +277,8 @@ def check_tensors(weights: dict, expected: dict, mode: str, group_size: int) -> 
         if not isinstance(tensor, torch.Tensor) or tensor.shape != shape or tensor.dtype != dtype:
             found = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{name} is {found}, expected {tuple(shape)} {dtype} for {where}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
@@ -297,97 +312,3 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
     kept_as_is = {name: tensor for name, tensor in weights.items() if name.endswith((".weight", ".bias"))}
     model.load_state_dict(kept_as_is, strict=False, assign=True)  # the LayerNorms and biases
     return model.eval(), mode
-
-
-# ---------------------------------------------------------------------------------------------
-# The command: quantize, write, measure, report
-
-
-def check_group_size(mode: str, group_size: int, model: ModelConfig) -> None:
-    if group_size <= 0:
-        raise UserInputError(f"--group-size must be a positive number of weights per scale, got {group_size}; "
-                             f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
-    if mode == "int4" and (problem := int4_problem(model, group_size)):
-        raise UserInputError(f"--group-size: {problem}")
-
-
-def decode_speed(loaded, tokens: int, seed: int) -> float:
-    """Tokens/s of batch-1 sampling with the KV cache, after a short warm-up."""
-    from gptcore.inference import generate_text
-
-    generate_text(loaded, "\n", min(tokens, 8), seed=seed)
-    return generate_text(loaded, "\n", tokens, seed=seed)[1]
-
-
-def measure(reference, quantized, args) -> dict:
-    """Loss on the same fixed batches and decode speed, for the fp32 model and the quantized one."""
-    from gptcore.inference import evaluate
-
-    report = {}
-    if args.eval_batches > 0:
-        before = evaluate(reference, args.data, args.eval_batches, args.batch_size)
-        after = evaluate(quantized, args.data, args.eval_batches, args.batch_size)
-        report["eval"] = {
-            "batches": args.eval_batches, "batch_size": args.batch_size, "block_size": before["block_size"],
-            "fp32": {"val_loss": before["val_loss"], "val_bpc": before["val_bpc"]},
-            args.mode: {"val_loss": after["val_loss"], "val_bpc": after["val_bpc"]},
-            "loss_change_pct": 100 * (after["val_loss"] / before["val_loss"] - 1),
-        }
-    if args.bench_tokens > 0:
-        torch.set_num_threads(args.threads)
-        seed = reference.config.train.seed
-        fp32, mode = decode_speed(reference, args.bench_tokens, seed), decode_speed(quantized, args.bench_tokens, seed)
-        report["decode"] = {"device": "cpu", "threads": args.threads, "new_tokens": args.bench_tokens,
-                            "kv_cache": True, "fp32_tokens_per_s": fp32, f"{args.mode}_tokens_per_s": mode,
-                            "speedup": mode / fp32}
-    return report
-
-
-def describe(report: dict) -> list[str]:
-    mode, size = report["mode"], report["size_bytes"]
-    lines = [f"size    fp32 {size['fp32'] / 1e6:.2f} MB -> {mode} {size[mode] / 1e6:.2f} MB "
-             f"({100 * report['size_ratio']:.1f}% of fp32)"]
-    if "eval" in report:
-        e = report["eval"]
-        lines.append(f"val     fp32 {e['fp32']['val_loss']:.4f} ({e['fp32']['val_bpc']:.4f} bits/char) -> {mode} "
-                     f"{e[mode]['val_loss']:.4f} ({e[mode]['val_bpc']:.4f} bits/char), {e['loss_change_pct']:+.2f}% "
-                     f"({e['batches']} batches x {e['batch_size']} x {e['block_size']} tokens)")
-    if "decode" in report:
-        d = report["decode"]
-        lines.append(f"decode  fp32 {d['fp32_tokens_per_s']:.0f} -> {mode} {d[f'{mode}_tokens_per_s']:.0f} tokens/s "
-                     f"(x{d['speedup']:.2f}; {d['new_tokens']} tokens, {d['threads']} thread(s), KV cache, CPU)")
-    return lines
-
-
-def main(args) -> None:
-    from gptcore.inference import load_model
-
-    source, out = Path(args.ckpt), Path(args.out)
-    if out.resolve() == source.resolve() or out.suffix == ".json":
-        raise UserInputError(f"--out {out} would overwrite the input checkpoint or the report; name it e.g. ckpt_int8.pt")
-    for flag, lowest in (("eval_batches", 0), ("batch_size", 1), ("bench_tokens", 0), ("threads", 1)):
-        if getattr(args, flag) < lowest:
-            raise UserInputError(f"--{flag.replace('_', '-')} must be at least {lowest}, got {getattr(args, flag)}")
-    state = checkpoint.load(source)
-    if state["format"] == FORMAT:
-        raise UserInputError(f"{source} is already quantized ({state.get('mode')}); pass the fp32 ckpt.pt "
-                             "written by `gptcore train`")
-    reference = load_model(source)
-    check_group_size(args.mode, args.group_size, reference.config.model)
-
-    quantized_state = quantized_checkpoint(state, args.mode, args.group_size)
-    checkpoint.save(quantized_state, out)
-    quantized = load_model(out)  # measure the file as written, through the loader users run
-    report = {
-        "mode": args.mode, "group_size": quantized_state["group_size"], "source": str(source), "out": str(out),
-        "size_bytes": {"fp32": serialized_size(fp32_model_checkpoint(state)), args.mode: out.stat().st_size,
-                       "source_file": source.stat().st_size},
-    }
-    report["size_ratio"] = report["size_bytes"][args.mode] / report["size_bytes"]["fp32"]
-    report.update(measure(reference, quantized, args))
-    report_path = out.with_suffix(".json")
-    checkpoint.atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-    print(f"wrote {out} ({args.mode}" + (f", group size {args.group_size}" if args.mode == "int4" else "") + ")")
-    for line in describe(report):
-        print(line)
-    print(f"report  {report_path}")

@@ -11,26 +11,24 @@ the update one rank would on the whole batch; DDP averages the gradients. Only r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import signal
 import socket
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from gptcore import checkpoint, distributed
+from gptcore import checkpoint, distributed, hardware
 from gptcore.config import Config, write_yaml
 from gptcore.data import Batches, Shard, describe, resolve_data
 from gptcore.errors import LostRanks, TrainingFailure, UserInputError
+from gptcore.metrics import MetricsLog
 from gptcore.model import GPT
+from gptcore.preemption import PreemptionFlag, requeue_slurm_job
 from gptcore.profiling import LoopProfiler, PhaseTimer, TorchProfilerWindow
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -59,7 +57,7 @@ def batch_split(config: Config, world_size: int) -> tuple[int, int]:
     return t.batch_size // world_size, t.batch_size
 
 
-def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not biases, norms); the fused kernel when the
     device has one, which does the whole update in one pass over the parameters."""
     t = config.train
@@ -75,70 +73,38 @@ def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device)
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware (1.3-1.7x faster training here, see
-    BENCHMARKS.md); elsewhere they are emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device does bf16 in hardware (`auto`), never emulated; there is no
+    fp16 path, so no loss scaling is needed. None: plain fp32."""
     choice = config.train.dtype
     if choice == "auto":
-        if device.type == "cuda":
-            wants_bf16 = torch.cuda.is_bf16_supported()
-        else:
-            wants_bf16 = cpu_has_native_bf16()
-        return torch.bfloat16 if wants_bf16 else None
+        native = hardware.cuda_has_native_bf16() if device.type == "cuda" else hardware.cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
     return torch.bfloat16 if choice == "bfloat16" else None
 
 
-class PreemptionFlag:
-    """Set by SIGUSR1 (Slurm's `--signal=USR1@N` warning before the time limit or a preemption)
-    or SIGUSR2 (submitit's); the loop checkpoints at the next step boundary, or the one after with
-    several ranks, which agree on it in the background. The previous
-    handlers come back afterwards, so a launcher's own handler (submitit's requeue) still runs."""
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
-
-    def __init__(self):
-        self.raised = False
-        self.previous = {}
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+def compiles(config: Config, device: torch.device) -> bool:
+    """torch.compile on CUDA by default (nanoGPT: ~1.8x per iteration); on the CPU it did not pay
+    at our shapes (BENCHMARKS.md), so there only when asked."""
+    choice = config.train.compile
+    return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
-def requeue_slurm_job() -> str | None:
-    """Requeue this Slurm job, or, where the batch script asks for it (GPTCORE_REQUEUE_MARK, set by
-    slurm/common.sh), leave it a mark to requeue the job once every rank has exited. Returns what
-    was done, for the log; None outside Slurm or when scontrol fails."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return None
-    mark = os.environ.get("GPTCORE_REQUEUE_MARK")
-    if mark:
-        Path(mark).write_text(job_id + "\n")
-        return f"the batch script requeues Slurm job {job_id} once every rank has exited"
-    import subprocess
-
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"gptcore: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)
-        return None
-    return f"requeued Slurm job {job_id}"
+def set_numerics(deterministic: bool, device: torch.device) -> None:
+    """train.deterministic: kernels that give the same bits on every run (PyTorch's deterministic
+    algorithms, cuBLAS's fixed workspace, no cuDNN or memory-efficient attention, whose backward
+    passes accumulate in a varying order) and plain fp32 matmuls. Otherwise TF32 for fp32 matmuls
+    on GPUs that have it."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.set_float32_matmul_precision("highest")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+    else:
+        torch.set_float32_matmul_precision("high")
 
 
 @dataclass
@@ -150,40 +116,26 @@ class TrainResult:
     out_dir: Path
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl that MetricsLog wrote."""
-    records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserInputError(f"{path}:{number} is not valid JSON; was the run killed while writing?") from None
-    return records
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line, appended (a resumed run continues the file)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.enabled = enabled
-        self.handle = open(path, "a", encoding="utf-8") if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-
-
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class StepClock:
+    """Wall time of the steps since the last log line, and the session's pace for the ETA."""
+
+    def __init__(self, step: int):
+        self.session_start = self.window_start = time.perf_counter()
+        self.session_first_step, self.window_steps = step, 0
+
+    def lap(self, step: int, max_iters: int) -> tuple[float, int, float]:
+        """(seconds of this window, steps in it, seconds left to max_iters); starts the next window."""
+        now = time.perf_counter()
+        elapsed, steps = now - self.window_start, self.window_steps
+        eta = (now - self.session_start) / (step - self.session_first_step) * (max_iters - step)
+        self.window_start, self.window_steps = now, 0
+        return elapsed, steps, eta
 
 
 class Trainer:
@@ -200,24 +152,16 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def _check_out_dir(self) -> dict | None:
-        """The checkpoint to resume from, if any; refuses to overwrite a run unless resume=auto."""
-        if not self.ckpt_path.exists():
-            return None
-        if self.config.resume != "auto":
-            raise UserInputError(
-                f"{self.ckpt_path} already exists; pass resume=auto to continue that run or choose another out_dir")
-        state = checkpoint.load(self.ckpt_path, checkpoint.FORMAT)
-        return state
-
     def setup(self) -> None:
         config, contract = self.config, self.contract
         t = config.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        resume_state = self._check_out_dir()
         self.device = distributed.choose_device(contract, t.device)
-        distributed.init_process_group(contract, self.device, t.timeout_s)
+        self.checkpointer = checkpoint.Checkpointer(self.ckpt_path, self.device, contract.rank, t.ckpt_background)
+        resume_state = self.checkpointer.existing(config.resume)
+        set_numerics(t.deterministic, self.device)
+        distributed.init_process_group(contract, self.device, t.timeout_s, str(self.out_dir), t.single_rank_group)
         if contract.world_size > 1:  # every rank, so a multi-node log shows where each one ran
             print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}", flush=True)
         # Here, not in the loop: the measured link feeds the scaling report's all-reduce model.
@@ -230,7 +174,7 @@ class Trainer:
             data_dir = resolve_data(config.data.path, config.data.clean, self.out_dir / "data")
         self.per_rank_batch, self.global_batch = batch_split(config, contract.world_size)
         self.batches = Batches(data_dir, config.model.block_size, t.seed,
-                               Shard(contract.rank, contract.world_size))
+                               Shard(contract.rank, contract.world_size), self.device)
         self.meta = self.batches.meta
         if resume_state and resume_state["vocab"] != self.meta["vocab"]:
             raise UserInputError(f"{self.ckpt_path} was trained on another vocabulary than {config.data.path}")
@@ -239,30 +183,20 @@ class Trainer:
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.model = GPT(config.model).to(self.device)
         torch.manual_seed(t.seed + contract.rank)  # but different dropout masks per rank
-        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.optimizer = make_optimizer(self.model, config)
         self.start_step, self.best_val = 0, float("inf")
         if resume_state:
-            self._restore(resume_state)
-        self.compute_model = torch.compile(self.model) if t.compile else self.model
-        if contract.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.compute_model = DistributedDataParallel(self.compute_model, device_ids=device_ids)
+            self.start_step, self.best_val = self.checkpointer.restore(resume_state, self.model, self.optimizer,
+                                                                       self.batches)
+            self.log(f"resumed from {self.ckpt_path} at step {self.start_step}")
+        self.compute_model, self.ddp = distributed.parallelize(self.model, self.device, compiles(config, self.device))
         dtype = autocast_dtype(config, self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext())
         self.dtype_name = str(dtype).replace("torch.", "") if dtype else "float32"
+        self.peak_tflops = t.peak_tflops or hardware.peak_tflops(
+            hardware.device_name(self.device), dtype, tf32=not t.deterministic)
         if self.is_main:
             write_yaml(config, self.out_dir / "config.yaml")
-
-    def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.batches.load_state_dict(state["data"])
-        self.start_step = state["step"]
-        self.best_val = state["best_val_loss"]
-        rank_states = state["rng"]
-        if self.contract.rank < len(rank_states):
-            checkpoint.restore_rng_state(rank_states[self.contract.rank])
-        self.log(f"resumed from {self.ckpt_path} at step {self.start_step}")
 
     # -- pieces of the loop ---------------------------------------------------------------------
 
@@ -272,14 +206,9 @@ class Trainer:
         for micro in range(accum):
             with timer.phase("data"):
                 x, y = self.batches.next_train(self.global_batch)
-                if self.device.type == "cuda":
-                    x = x.pin_memory().to(self.device, non_blocking=True)
-                    y = y.pin_memory().to(self.device, non_blocking=True)
             # Gradients are all-reduced once per optimizer step, on the last micro-step.
-            last = micro == accum - 1
-            sync = nullcontext() if last or not isinstance(self.compute_model, DistributedDataParallel) \
-                else self.compute_model.no_sync()
-            with sync:
+            skip_sync = self.ddp is not None and micro < accum - 1
+            with self.ddp.no_sync() if skip_sync else nullcontext():
                 with timer.phase("forward"), self.autocast:
                     _, loss = self.compute_model(x, y)
                     loss = loss / accum
@@ -297,31 +226,53 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for x, y in self.batches.eval_batches(split, t.eval_iters, self.global_batch):
                 with self.autocast:
-                    _, loss = self.model(x.to(self.device), y.to(self.device))
+                    _, loss = self.model(x, y)
                 total += loss.float()
             losses[split] = distributed.all_reduce_mean(total / t.eval_iters).item()
         self.model.train()
         return losses
 
-    def save_checkpoint(self, step: int) -> None:
-        own = checkpoint.rng_state()
-        gathered = distributed.gather_tensors(own["torch"].to(self.device))
-        if not self.is_main:
-            return
-        rng = [{**own, "torch": state.cpu()} for state in gathered]
-        checkpoint.save({
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.FORMAT_VERSION,
-            "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "data": self.batches.state_dict(),
-            "rng": rng,
-            "best_val_loss": self.best_val,
-            "world_size": self.contract.world_size,
-            "config": self.config.to_dict(),
-            "vocab": self.meta["vocab"],
-        }, self.ckpt_path)
+    def _log_window(self, step: int, step_loss: torch.Tensor, lr: float, timer: PhaseTimer,
+                    clock: StepClock, metrics: MetricsLog) -> float:
+        """The log line and metrics record of the steps since the last one; the loss, averaged over ranks."""
+        t, contract = self.config.train, self.contract
+        loss = distributed.all_reduce_mean(step_loss.float()).item()
+        elapsed, steps, eta = clock.lap(step, t.max_iters)
+        tokens_per_s = self.global_batch * t.grad_accum * self.config.model.block_size * steps / elapsed
+        mfu = hardware.mfu(tokens_per_s, self.model.flops_per_token(), contract.world_size, self.peak_tflops)
+        self.log(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * elapsed / steps:.1f} ms/step | "
+                 f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                 + f" | ETA {format_eta(eta)}")
+        metrics.write({"step": step, "loss": loss, "lr": lr, "ms_per_step": 1000 * elapsed / steps,
+                       "tokens_per_s": tokens_per_s, **({"mfu": mfu} if mfu is not None else {}),
+                       "world_size": contract.world_size, "phases_ms": timer.drain(), "time": time.time()})
+        return loss
+
+    def _evaluate_and_log(self, step: int, metrics: MetricsLog) -> float:
+        losses = self.evaluate()
+        self.best_val = min(self.best_val, losses["val"])
+        bpc = losses["val"] / math.log(2)
+        self.log(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | {bpc:.3f} bits/char")
+        metrics.write({"step": step, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "val_bpc": bpc, "time": time.time()})
+        return losses["val"]
+
+    def _log_start(self, metrics: MetricsLog) -> None:
+        t = self.config.train
+        self.log(f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
+                 f"dtype={self.dtype_name} backend={distributed.backend_name()} "
+                 f"compile={'on' if compiles(self.config, self.device) else 'off'} "
+                 f"deterministic={'on' if t.deterministic else 'off'}")
+        self.log(f"data: {describe(self.meta)}")
+        peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
+        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, "
+                 f"global batch {self.global_batch * t.grad_accum} x {self.config.model.block_size} tokens, "
+                 f"{hardware.device_name(self.device)}{peak}")
+        if self.probe:
+            metrics.write({"probe": "allreduce", **self.probe, "time": time.time()})
+            self.log(f"all-reduce probe: {self.probe['bytes'] / 2**20:.0f} MiB over {self.probe['nodes']} node(s) "
+                     f"in {1000 * self.probe['seconds']:.2f} ms, bus bandwidth {self.probe['busbw_gbps']:.2f} GB/s, "
+                     f"latency {self.probe['latency_us']:.0f} us")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -344,40 +295,25 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         config, t = self.config, self.config.train
-        contract = self.contract
-        tokens_per_step = self.global_batch * t.grad_accum * config.model.block_size
-        self.log(
-            f"world_size={contract.world_size} launcher={contract.launcher} device={self.device} "
-            f"dtype={self.dtype_name} backend={'nccl' if self.device.type == 'cuda' else 'gloo' if contract.world_size > 1 else 'none'}")
-        self.log(f"data: {describe(self.meta)}")
-        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, "
-                 f"global batch {self.global_batch * t.grad_accum} x {config.model.block_size} tokens")
         metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.is_main)
-        if self.probe:
-            metrics.write({"probe": "allreduce", **self.probe, "time": time.time()})
-            self.log(f"all-reduce probe: {self.probe['bytes'] / 2**20:.0f} MiB over {self.probe['nodes']} node(s) "
-                     f"in {1000 * self.probe['seconds']:.2f} ms, bus bandwidth {self.probe['busbw_gbps']:.2f} GB/s, "
-                     f"latency {self.probe['latency_us']:.0f} us")
+        self._log_start(metrics)
         timer = PhaseTimer(self.device, enabled=config.profile.phases)
-        profiler = LoopProfiler(self.out_dir, contract.rank, config.profile.cprofile)
-        trace = TorchProfilerWindow(self.out_dir, contract.rank, config.profile.torch_start,
+        profiler = LoopProfiler(self.out_dir, self.contract.rank, config.profile.cprofile)
+        trace = TorchProfilerWindow(self.out_dir, self.contract.rank, config.profile.torch_start,
                                     config.profile.torch_steps, config.profile.torch)
-        sampler = start_sampler(config, self.out_dir, contract)
-        ckpt_every = t.ckpt_interval or t.eval_interval
+        sampler = start_sampler(config, self.out_dir, self.contract)
         step, loss_value, val_loss, preempted = self.start_step, float("nan"), None, False
         end = min(t.stop_at, t.max_iters) if t.stop_at else t.max_iters
         diverged = torch.zeros((), dtype=torch.bool, device=self.device)
-        last_good_step = self.start_step if self.ckpt_path.exists() else None
-        window_start, window_steps = time.perf_counter(), 0
-        run_start_step, run_start = step, time.perf_counter()
+        clock = StepClock(step)
 
         def checkpoint_now(at_step: int) -> None:
-            nonlocal last_good_step
             if distributed.any_rank(bool(diverged.item()), self.device):
-                raise self._diverged(at_step, last_good_step)
-            with timer.phase("checkpoint"):
-                self.save_checkpoint(at_step)
-            last_good_step = at_step
+                raise self._diverged(at_step)
+            with profiler.paused(), timer.phase("checkpoint"):
+                self.checkpointer.save(at_step, self.model, self.optimizer, self.batches, config=config.to_dict(),
+                                       vocab=self.meta["vocab"], world_size=self.contract.world_size,
+                                       best_val_loss=self.best_val)
 
         # One step late, so that no rank waits on the others at every step boundary.
         preemption_vote = distributed.LaggedVote()
@@ -400,44 +336,23 @@ class Trainer:
                     with profiler.paused():
                         trace.after_step(step)
                     step += 1
-                    window_steps += 1
-
+                    clock.window_steps += 1
                     if step % t.log_interval == 0 or step == end:
-                        loss_value = distributed.all_reduce_mean(step_loss.float()).item()
+                        loss_value = self._log_window(step, step_loss, lr, timer, clock, metrics)
                         if not math.isfinite(loss_value):
-                            raise self._diverged(step, last_good_step)
-                        elapsed = time.perf_counter() - window_start
-                        ms = 1000 * elapsed / window_steps
-                        tps = tokens_per_step * window_steps / elapsed
-                        eta = (time.perf_counter() - run_start) / (step - run_start_step) * (t.max_iters - step)
-                        phases = timer.drain()
-                        self.log(f"step {step}/{t.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                                 f"{ms:.1f} ms/step | {tps:,.0f} tok/s | ETA {format_eta(eta)}")
-                        metrics.write({"step": step, "loss": loss_value, "lr": lr, "ms_per_step": ms,
-                                       "tokens_per_s": tps, "world_size": contract.world_size,
-                                       "phases_ms": phases, "time": time.time()})
-                        window_start, window_steps = time.perf_counter(), 0
-
+                            raise self._diverged(step)
                     if step % t.eval_interval == 0 or step == t.max_iters:
                         with profiler.paused(), timer.phase("eval"):
-                            losses = self.evaluate()
-                        val_loss = losses["val"]
-                        self.best_val = min(self.best_val, val_loss)
-                        bpc = val_loss / math.log(2)
-                        self.log(f"eval step {step}: train {losses['train']:.4f} | val {val_loss:.4f} | "
-                                 f"{bpc:.3f} bits/char")
-                        metrics.write({"step": step, "eval": True, "train_loss": losses["train"],
-                                       "val_loss": val_loss, "val_bpc": bpc, "time": time.time()})
-                    if step % ckpt_every == 0 or step == end:
-                        with profiler.paused():
-                            checkpoint_now(step)
+                            val_loss = self._evaluate_and_log(step, metrics)
+                    if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == end:
+                        checkpoint_now(step)
                     if step < t.max_iters and preemption_vote(preemption.raised):
-                        with profiler.paused():
-                            checkpoint_now(step)
+                        checkpoint_now(step)
                         preempted = True
                         self.log(f"preemption signal: checkpoint saved at step {step}/{t.max_iters}")
                         break
             preemption_vote.close()
+            self.checkpointer.wait()
         finally:
             trace.close()
             profiler.dump()
@@ -449,9 +364,10 @@ class Trainer:
             self.log(f"{requeued}; it resumes from {self.ckpt_path}")
         return TrainResult(step, loss_value, val_loss, preempted, self.out_dir)
 
-    def _diverged(self, step: int, last_good_step: int | None) -> TrainingFailure:
-        kept = (f"the last good checkpoint ({self.ckpt_path}, step {last_good_step}) is kept"
-                if last_good_step is not None else "no checkpoint was written")
+    def _diverged(self, step: int) -> TrainingFailure:
+        last_good = self.checkpointer.saved_step
+        kept = (f"the last good checkpoint ({self.ckpt_path}, step {last_good}) is kept"
+                if last_good is not None else "no checkpoint was written")
         return TrainingFailure(
             f"loss became NaN/inf by step {step}; {kept}; lower train.lr or raise train.warmup_iters")
 

@@ -17,12 +17,22 @@ def test_presets_match_their_references():
 
 
 def test_overrides_are_parsed_by_field_type():
-    config = load_config("tiny", ["model.n_layer=4", "train.lr=3e-4", "train.compile=true",
+    config = load_config("tiny", ["model.n_layer=4", "train.lr=3e-4", "train.deterministic=true",
                                   "data.path=/tmp/x.txt", "out_dir=runs/a", "train.max_iters=1e2"])
     assert config.model.n_layer == 4 and isinstance(config.model.n_layer, int)
     assert config.train.lr == 3e-4
-    assert config.train.compile is True
+    assert config.train.deterministic is True
     assert (config.data.path, config.out_dir, config.train.max_iters) == ("/tmp/x.txt", "runs/a", 100)
+
+
+def test_compile_takes_auto_or_a_yes_no_from_the_command_line_and_yaml(tmp_path):
+    assert load_config("tiny").train.compile == "auto"
+    assert load_config("tiny", ["train.compile=true"]).train.compile == "true"
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  compile: false\n")
+    assert load_config(str(path)).train.compile == "false"
+    with pytest.raises(UserInputError, match="train.compile must be one of auto, true, false"):
+        load_config("tiny", ["train.compile=maybe"])
 
 
 def test_yaml_file_then_overrides(tmp_path):
@@ -46,7 +56,7 @@ def test_typo_names_the_closest_key(override, expected):
     ("model.n_layer=four", "needs an integer"),
     ("model.n_layer=2.5", "needs an integer"),
     ("train.lr=fast", "needs a number"),
-    ("train.compile=maybe", "needs true or false"),
+    ("train.deterministic=maybe", "needs true or false"),
     ("train.lr=-1", "must be positive"),
     ("model.n_embd=33", "divisible by model.n_head"),
     ("model.dropout=1.5", "model.dropout"),

@@ -4,7 +4,7 @@ recomputation."""
 import torch
 
 from gptcore.config import ModelConfig
-from gptcore.model import GPT
+from gptcore.model import GPT, KVCache
 
 
 def tiny_model(block_size=16, seed=0) -> GPT:
@@ -53,10 +53,10 @@ def test_cached_logits_match_uncached_logits():
     model = tiny_model(block_size=16, seed=2)
     idx = torch.randint(0, 11, (2, 10))
     full, _ = model(idx)
-    cache = model.new_cache(2, idx.device, torch.float32)
-    model(idx[:, :6], cache=cache)
+    cache = KVCache(model.config, 2, idx.device, torch.float32)
+    model(idx[:, :6], cache=cache, pos=torch.arange(6))
     for t in range(6, 10):
-        step, _ = model(idx[:, t:t + 1], cache=cache)
+        step = model.decode_step(idx[:, t:t + 1], torch.tensor([t]), cache)
         reference, _ = model(idx[:, :t + 1])
         torch.testing.assert_close(step[:, -1], reference[:, -1], rtol=1e-5, atol=1e-5)
     assert full.shape == (2, 1, 11)

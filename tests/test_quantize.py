@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_gptcore
+from gptcore.checkpoint import save
 from gptcore.config import load_config
 from gptcore.model import GPT
 from gptcore.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint,
@@ -60,7 +61,13 @@ def test_report_compares_size_loss_and_speed_on_the_same_batches(quantized):
         assert abs(evaluation["loss_change_pct"]) < bounds[mode], (mode, evaluation)
         assert evaluation[mode]["val_bpc"] == pytest.approx(evaluation[mode]["val_loss"] / 0.6931471805599453)
         decode = report["decode"]
-        assert decode["threads"] == 1 and decode["kv_cache"] and decode[f"{mode}_tokens_per_s"] > 0
+        assert decode["threads"] == 1 and decode["kv_cache"] and decode["device"] == "cpu"
+        for model in ("fp32", mode):
+            speed = decode[model]
+            assert speed["tokens_per_s"] > 0 and speed["weight_bytes"] > 0
+            assert speed["achieved_gbps"] == pytest.approx(speed["weight_bytes"] * speed["tokens_per_s"] / 1e9)
+            assert 0 < speed["bandwidth_utilization"] < 1 and "measured copy bandwidth" in speed["bandwidth_source"]
+        assert decode[mode]["weight_bytes"] < decode["fp32"]["weight_bytes"]
 
 
 def test_sample_and_eval_take_quantized_checkpoints(quantized):
@@ -68,7 +75,7 @@ def test_sample_and_eval_take_quantized_checkpoints(quantized):
         sampled = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30")
         assert sampled.returncode == 0, sampled.stderr
         assert sampled.stdout.startswith("The king") and len(sampled.stdout.rstrip("\n")) == len("The king") + 30
-        assert f"{mode}, KV cache" in sampled.stderr
+        assert f"on cpu, {mode}, KV cache" in sampled.stderr
         evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
         assert evaluated.returncode == 0, evaluated.stderr
         result = json.loads(evaluated.stdout)
@@ -84,9 +91,12 @@ def test_int8_greedy_text_follows_fp32(run_dir, quantized):
 
 
 def tampered(source, target, change):
+    """A changed copy whose checksum is made anew, as a crafted file or a buggy exporter would:
+    the loader's own checks of the names, shapes and values must catch it."""
     state = torch.load(source, weights_only=True)
+    state.pop("checksum")
     change(state)
-    torch.save(state, target)
+    save(state, target)
     return target
 
 
@@ -98,6 +108,9 @@ def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path)
         "shape": (lambda s: s["model"].update({scales: s["model"][scales][:-1]}), scales),
         "missing": (lambda s: s["model"].pop("transformer.wpe.weight.int8"), "transformer.wpe.weight.int8"),
         "header": (lambda s: s.pop("group_size"), "group_size"),
+        "nan scale": (lambda s: s["model"][scales].__setitem__(0, float("nan")), f"{scales} holds NaN"),
+        "inf norm": (lambda s: s["model"]["transformer.ln_f.weight"].__setitem__(3, float("inf")),
+                     "transformer.ln_f.weight holds NaN or infinite"),
     }
     for name, (change, fragment) in cases.items():
         broken = tampered(source, tmp_path / f"{name}.pt", change)
@@ -105,6 +118,22 @@ def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     assert_one_line_error(run_gptcore("eval", "--ckpt", truncated), 2, str(truncated), "cannot be read")
+
+
+def test_a_flipped_weight_byte_fails_the_integrity_check(quantized, tmp_path):
+    """One bit of the stored int8 weights changed on disk: the file still unpickles, the checksum
+    in its header catches it. The same holds for the fp32 training checkpoint."""
+    for source in (quantized["int8"][0], quantized["int8"][0].parent / "ckpt.pt"):
+        data = bytearray(source.read_bytes())
+        state = torch.load(source, weights_only=True)
+        weight = state["model"]["transformer.h.1.mlp.c_fc.weight" + (".int8" if "int8" in source.name else "")]
+        needle = weight.reshape(-1)[:64].contiguous().view(torch.uint8).numpy().tobytes()
+        offset = bytes(data).index(needle)  # the tensor's bytes as stored in the zip
+        data[offset + 10] ^= 0x04
+        flipped = tmp_path / f"flipped-{source.name}"
+        flipped.write_bytes(bytes(data))
+        assert_one_line_error(run_gptcore("eval", "--ckpt", flipped, "--batches", "1"), 2, str(flipped),
+                              "fails its integrity check")
 
 
 def test_a_wrong_group_size_is_one_clear_error(run_dir, tmp_path):

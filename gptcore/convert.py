@@ -1,0 +1,111 @@
+"""Checkpoints in, checkpoints out: `gptcore quantize` writes an int8, int4 or bf16 copy of a
+trained model and measures what it costs and gains, on the same batches and the same device.
+
+    gptcore quantize --ckpt runs/cpu/ckpt.pt --mode int8 --out runs/cpu/ckpt_int8.pt
+
+The report (printed, and saved beside the output as .json): file sizes, val loss and bits/char
+before and after, and batch-1 decode tokens/s with the memory bandwidth it implies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptcore import checkpoint
+from gptcore.errors import UserInputError
+from gptcore.inference import decode_speed, evaluate, load_model, resolve_device
+from gptcore.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
+
+DEFAULT_GROUP_SIZE = 64
+
+
+def pick_group_size(mode: str, asked: int | None, n_embd: int) -> tuple[int, str | None]:
+    """The int4 group size, and a note when it was chosen for the user: 64, or the kernel's
+    smaller 32 where 64 does not divide n_embd (a 32-wide model)."""
+    if asked is not None or mode != "int4" or n_embd % DEFAULT_GROUP_SIZE == 0 or n_embd % 32:
+        return (asked if asked is not None else DEFAULT_GROUP_SIZE), None  # check_group_size judges it
+    return 32, f"group size 32: the default {DEFAULT_GROUP_SIZE} does not divide n_embd {n_embd}"
+
+
+def measure(reference, quantized, args) -> dict:
+    """Loss on the same fixed batches and decode speed, for the fp32 model and the quantized one."""
+    report = {}
+    if args.eval_batches > 0:
+        before = evaluate(reference, args.data, args.eval_batches, args.batch_size)
+        after = evaluate(quantized, args.data, args.eval_batches, args.batch_size)
+        report["eval"] = {
+            "batches": args.eval_batches, "batch_size": args.batch_size, "block_size": before["block_size"],
+            "fp32": {"val_loss": before["val_loss"], "val_bpc": before["val_bpc"]},
+            args.mode: {"val_loss": after["val_loss"], "val_bpc": after["val_bpc"]},
+            "loss_change_pct": 100 * (after["val_loss"] / before["val_loss"] - 1),
+        }
+    if args.bench_tokens > 0:
+        if quantized.device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        seed = reference.config.train.seed
+        fp32 = decode_speed(reference, args.bench_tokens, seed)
+        mode = decode_speed(quantized, args.bench_tokens, seed)
+        report["decode"] = {"device": str(quantized.device), "threads": args.threads, "new_tokens": args.bench_tokens,
+                            "kv_cache": True, "fp32": fp32, args.mode: mode,
+                            "speedup": mode["tokens_per_s"] / fp32["tokens_per_s"]}
+    return report
+
+
+def describe(report: dict) -> list[str]:
+    mode, size = report["mode"], report["size_bytes"]
+    lines = [f"size    fp32 {size['fp32'] / 1e6:.2f} MB -> {mode} {size[mode] / 1e6:.2f} MB "
+             f"({100 * report['size_ratio']:.1f}% of fp32)"]
+    if "eval" in report:
+        e = report["eval"]
+        lines.append(f"val     fp32 {e['fp32']['val_loss']:.4f} ({e['fp32']['val_bpc']:.4f} bits/char) -> {mode} "
+                     f"{e[mode]['val_loss']:.4f} ({e[mode]['val_bpc']:.4f} bits/char), {e['loss_change_pct']:+.2f}% "
+                     f"({e['batches']} batches x {e['batch_size']} x {e['block_size']} tokens)")
+    if "decode" in report:
+        d = report["decode"]
+        fp32, quantized = d["fp32"], d[mode]
+        threads = f", {d['threads']} thread(s)" if d["device"] == "cpu" else ""
+        lines.append(f"decode  fp32 {fp32['tokens_per_s']:.0f} -> {mode} {quantized['tokens_per_s']:.0f} tokens/s "
+                     f"(x{d['speedup']:.2f}; {d['new_tokens']} tokens, {d['device']}{threads}, KV cache)")
+        lines.append(f"memory  {fp32['achieved_gbps']:.1f} -> {quantized['achieved_gbps']:.1f} GB/s of weights read, "
+                     f"{100 * fp32['bandwidth_utilization']:.1f}% -> {100 * quantized['bandwidth_utilization']:.1f}% "
+                     f"of {quantized['bandwidth_gbps']:.0f} GB/s ({quantized['bandwidth_source']})")
+    return lines
+
+
+def quantize_command(args) -> None:
+    source, out = Path(args.ckpt), Path(args.out)
+    if out.resolve() == source.resolve() or out.suffix == ".json":
+        raise UserInputError(f"--out {out} would overwrite the input checkpoint or the report; name it e.g. ckpt_int8.pt")
+    for flag, lowest in (("eval_batches", 0), ("batch_size", 1), ("bench_tokens", 0), ("threads", 1)):
+        if getattr(args, flag) < lowest:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be at least {lowest}, got {getattr(args, flag)}")
+    state = checkpoint.load(source)
+    if state["format"] == FORMAT:
+        raise UserInputError(f"{source} is already quantized ({state.get('mode')}); pass the fp32 ckpt.pt "
+                             "written by `gptcore train`")
+    device = str(resolve_device(args.device, args.mode))
+    reference = load_model(source, device)
+    group_size, note = pick_group_size(args.mode, args.group_size, reference.config.model.n_embd)
+    check_group_size(args.mode, group_size, reference.config.model)
+    if note:
+        print(f"int4: {note}")
+
+    quantized_state = quantized_checkpoint(state, args.mode, group_size)
+    checkpoint.save(quantized_state, out)
+    quantized = load_model(out, device)  # measure the file as written, through the loader users run
+    report = {
+        "mode": args.mode, "group_size": quantized_state["group_size"], "source": str(source), "out": str(out),
+        "size_bytes": {"fp32": serialized_size(fp32_model_checkpoint(state)), args.mode: out.stat().st_size,
+                       "source_file": source.stat().st_size},
+    }
+    report["size_ratio"] = report["size_bytes"][args.mode] / report["size_bytes"]["fp32"]
+    report.update(measure(reference, quantized, args))
+    report_path = out.with_suffix(".json")
+    checkpoint.atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    print(f"wrote {out} ({args.mode}" + (f", group size {group_size}" if args.mode == "int4" else "") + ")")
+    for line in describe(report):
+        print(line)
+    print(f"report  {report_path}")
