@@ -27,14 +27,12 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from harness import OthersCpu, wait_for_quiet  # noqa: E402  (puts the checkout on sys.path)
 
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
@@ -57,14 +55,6 @@ FAKE_NVIDIA_SMI = "#!/bin/sh\n" + "".join(
     f'echo "{i}, 87, 31245, 81559, 312.45, 64"\n' for i in range(4))
 
 
-def wait_for_quiet(max_load: float, timeout_s: float) -> float:
-    """The 1-minute load average once it is below max_load (or when timeout_s has passed)."""
-    deadline = time.monotonic() + timeout_s
-    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0]
-
-
 @contextlib.contextmanager
 def first_on_path(directory: Path | None):
     """PATH with directory (the fake nvidia-smi's) in front, if given, for the duration."""
@@ -79,19 +69,15 @@ def first_on_path(directory: Path | None):
 
 def train_once(shape: str, extra: list[str], steps: int, threads: int, fake_bin: Path | None) -> tuple[list[float], float]:
     """(ms/step of each steady window, CPU % used by other processes meanwhile)."""
-    me = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, SHAPES[shape] + [
             f"data.path={data_path()}", f"out_dir={tmp}/run", f"train.max_iters={steps}", "train.log_interval=5",
             f"train.eval_interval={steps}", "train.eval_iters=1", "model.dropout=0.0", "train.sample_tokens=0",
             f"train.threads={threads}", "train.warmup_iters=10"] + extra)
-        psutil.cpu_percent(None)
-        me.cpu_percent(None)
-        with first_on_path(fake_bin), contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
-            Trainer(config).run()
-        others = max(0.0, psutil.cpu_percent(None) * psutil.cpu_count() - me.cpu_percent(None))
+        with OthersCpu() as others, first_on_path(fake_bin), contextlib.redirect_stdout(io.StringIO()):
+            Trainer(config).run()  # (its progress lines are not wanted here)
         records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-    return [r["ms_per_step"] for r in steady_records(records, warmup_fraction=0.2)], others
+    return [r["ms_per_step"] for r in steady_records(records, warmup_fraction=0.2)], others.pct
 
 
 def sample_cost_ms(fake_bin: Path | None, samples: int = 100) -> float:

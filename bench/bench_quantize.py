@@ -36,8 +36,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
 
 from gptcore import checkpoint  # noqa: E402
 from gptcore.config import load_config  # noqa: E402

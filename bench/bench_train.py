@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
 
 from gptcore.metrics import read_metrics  # noqa: E402
 from gptcore.train import Trainer  # noqa: E402

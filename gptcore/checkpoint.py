@@ -17,7 +17,7 @@ import errno
 import os
 import tempfile
 import threading
-import zlib
+import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -27,8 +27,7 @@ from gptcore import distributed
 from gptcore.errors import TrainingFailure, UserInputError
 
 FORMAT = "gptcore-checkpoint"
-FORMAT_VERSION = 2  # 2: a checksum of the tensors in the header; version 1 files still load
-CHECKSUM_FROM_VERSION = 2
+FORMAT_VERSION = 1
 
 
 def current_umask() -> int:
@@ -66,29 +65,26 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     atomic_write(path, lambda handle: handle.write(payload))
 
 
-def payload_checksum(tree, crc: int = 0) -> int:
-    """CRC-32 of a nested state: every tensor's bytes with its place, dtype and shape, and every
-    other value's repr, in a fixed order. It catches a file damaged on disk or in transfer (flipped
-    bytes still unpickle fine); it is no defence against someone who rewrites the file, checksum
-    included: the loaders' own checks of names, shapes and values are."""
-    if isinstance(tree, torch.Tensor):
-        crc = zlib.crc32(f"{tree.dtype}{tuple(tree.shape)}".encode(), crc)
-        return zlib.crc32(tree.detach().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
-    if isinstance(tree, dict):
-        for key in sorted(tree, key=str):
-            crc = payload_checksum(tree[key], zlib.crc32(str(key).encode(), crc))
-        return crc
-    if isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            crc = payload_checksum(value, zlib.crc32(str(index).encode(), crc))
-        return crc
-    return zlib.crc32(repr(tree).encode(), crc)
-
-
 def save(state: dict, path: Path) -> None:
-    """torch.save with the payload checksum in the header, atomically."""
-    stamped = {**state, "checksum": payload_checksum(state)}
-    atomic_write(path, lambda handle: torch.save(stamped, handle))
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def damaged_record(path: Path) -> str | None:
+    """What is wrong with a checkpoint's archive, or None: a record whose bytes do not match
+    their CRC-32, or a compressed one (torch.save stores records as they are; a compressed record
+    could unpack to any size).
+
+    torch.save writes a zip archive with a CRC-32 of every record, the pickled header as well as
+    each tensor's bytes, but torch.load never checks them: a file damaged on disk or in transfer
+    (flipped bytes) loads silently. Checking them costs the save nothing. It is no defence
+    against someone who rewrites the file, CRCs included: the loaders' own checks of names,
+    shapes and values are."""
+    with zipfile.ZipFile(path) as archive:
+        packed = next((info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED), None)
+        if packed:
+            return f"{packed} is compressed, which torch.save never does"
+        bad = archive.testzip()
+    return f"{bad} does not match the CRC-32 stored for it" if bad else None
 
 
 def load(path: Path, expected_format: str | None = None) -> dict:
@@ -96,25 +92,24 @@ def load(path: Path, expected_format: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist; train a model first or check the path")
+    unreadable = ("checkpoint {path} cannot be read (truncated, corrupt or not a gptcore checkpoint: {reason}); "
+                  "use another checkpoint or retrain")
+    try:
+        damaged = damaged_record(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # gptcore writes zip archives only
+        raise UserInputError(unreadable.format(path=path, reason=str(err)[:160] or type(err).__name__)) from None
+    if damaged:
+        raise UserInputError(f"checkpoint {path} fails its integrity check ({damaged}): the file is damaged; "
+                             "use another checkpoint or retrain")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserInputError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a gptcore checkpoint: {reason}); "
-            "use another checkpoint or retrain") from None
+        raise UserInputError(unreadable.format(path=path, reason=reason)) from None
     if not isinstance(state, dict) or "format" not in state:
         raise UserInputError(f"{path} is not a gptcore checkpoint; pass a ckpt.pt written by `gptcore train`")
     if expected_format and state["format"] != expected_format:
         raise UserInputError(f"{path} is a {state['format']} file, expected {expected_format}")
-    stored = state.pop("checksum", None)
-    version = state.get("version")
-    if stored is None and isinstance(version, int) and version >= CHECKSUM_FROM_VERSION:
-        raise UserInputError(f"checkpoint {path} has no checksum though its format version {version} requires one; "
-                             "it was altered: use another checkpoint or retrain")
-    if stored is not None and stored != payload_checksum(state):
-        raise UserInputError(f"checkpoint {path} fails its integrity check (its tensors do not match the checksum "
-                             "in its header): the file is damaged; use another checkpoint or retrain")
     return state
 
 

@@ -127,6 +127,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self._decode_steps = {}  # compiled one-token steps, by torch.compile mode
+        self._kv_cache: KVCache | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -170,6 +171,14 @@ class GPT(nn.Module):
         """What the embeddings hand the blocks: the weights' dtype, or fp32 for quantized tables."""
         return self.transformer.wte(torch.zeros(1, 1, dtype=torch.long, device=device)).dtype
 
+    def kv_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """The model's cache, reused by every generation of the same batch, device and dtype: a
+        compiled step is specialized to its tensors' addresses (and a CUDA graph records them)."""
+        cache = self._kv_cache
+        if cache is None or (cache.keys.size(1), cache.keys.device, cache.keys.dtype) != (batch, device, dtype):
+            self._kv_cache = cache = KVCache(self.config, batch, device, dtype)
+        return cache
+
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits after one token at position `pos` (a 1-element tensor), cached keys before it."""
         return self(token, cache=cache, pos=pos)[0]
@@ -202,7 +211,7 @@ class GPT(nn.Module):
         start = max(0, prompt - window)  # the window's first token
         cache, pos, refill = None, None, True
         if use_cache:
-            cache = KVCache(self.config, B, device, self.activation_dtype(device))
+            cache = self.kv_cache(B, device, self.activation_dtype(device))
             step = self.compiled_decode_step(device) if compile else self.decode_step
             if compile:
                 for tensor in (cache.keys, cache.values, cache.causal):

@@ -20,6 +20,7 @@ with TrainTask.checkpoint(), which resumes from that checkpoint (resume=auto).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -100,6 +101,28 @@ def pick_cluster(executor: str) -> str:
     return executor
 
 
+def visible_gpus(env=os.environ) -> tuple[int, ...]:
+    """The GPUs this shell may use, from CUDA_VISIBLE_DEVICES when it lists indices; () for all."""
+    parts = [part.strip() for part in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    return tuple(int(part) for part in parts) if parts and all(part.isdigit() for part in parts) else ()
+
+
+def executor_parameters(cluster: str, gpus: int, nodes: int, job_name: str, timeout_min: int,
+                        partition: str | None, env=os.environ) -> dict:
+    """submitit parameters for one task per GPU. The GPU count goes to both executors: Slurm
+    allocates them, and the local executor sets each task's CUDA_VISIBLE_DEVICES to that many of
+    this shell's GPUs (without it, it sets it empty and the ranks train on the CPU)."""
+    parameters = dict(name=job_name, timeout_min=timeout_min, nodes=nodes, tasks_per_node=gpus, gpus_per_node=gpus)
+    if cluster == "slurm":
+        parameters["slurm_partition"] = partition
+    elif visible := visible_gpus(env):
+        if gpus > len(visible):
+            raise UserInputError(f"--gpus {gpus} but this shell may use only {len(visible)} GPU(s) "
+                                 f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}); ask for at most {len(visible)}")
+        parameters["visible_gpus"] = visible
+    return parameters
+
+
 def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executor: str = "auto",
            folder: str | Path = "runs/submitit", job_name: str = "gptcore", timeout_min: int = 60,
            partition: str | None = None) -> submitit.Job:
@@ -115,8 +138,7 @@ def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executo
     if cluster == "local" and nodes > 1:
         raise UserInputError("the local executor runs on this machine only; use nodes=1 or executor=slurm")
     ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
-    ex.update_parameters(name=job_name, timeout_min=timeout_min, nodes=nodes, tasks_per_node=gpus,
-                         slurm_gpus_per_node=gpus, slurm_partition=partition)
+    ex.update_parameters(**executor_parameters(cluster, gpus, nodes, job_name, timeout_min, partition))
     job = ex.submit(TrainTask(config, overrides, job_name, str(RUNS)))
     return job.task(0)
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_metrics
+from gptcore.checkpoint import gather_rng_states, restore_rng_state
 from gptcore.config import load_config
 from gptcore.distributed import RankContract, read_contract
 from gptcore.errors import UserInputError
 from gptcore.train import batch_split
 
-# 20 steps, a loss logged at every one of them.
-TINY = ["--config", "tiny", "train.log_interval=1", "train.sample_tokens=0"]
+# 20 steps on the CPU (gloo) even on a GPU machine, a loss logged at every one of them.
+TINY = ["--config", "tiny", "train.device=cpu", "train.log_interval=1", "train.sample_tokens=0"]
 
 
 def train(ranks: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -51,18 +52,38 @@ def test_two_ranks_follow_the_one_rank_loss_curve(two_ranks, tmp_path, corpus):
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
 
 
-def test_a_resumed_two_rank_run_is_bit_identical(two_ranks, tmp_path, corpus):
-    straight, _ = two_ranks
-    resumed = tmp_path / "resumed"
-    train(2, f"data.path={corpus}", f"out_dir={resumed}", "train.stop_at=10")
+def test_a_resumed_two_rank_run_with_dropout_is_bit_identical(tmp_path, corpus):
+    """Each rank draws its own dropout masks: the checkpoint holds every rank's generator, and
+    each rank gets its own back."""
+    common = [f"data.path={corpus}", "model.dropout=0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(2, *common, f"out_dir={straight}")
+    train(2, *common, f"out_dir={resumed}", "train.stop_at=10")
     assert len(losses(resumed)) == 10
-    log = train(2, f"data.path={corpus}", f"out_dir={resumed}", "resume=auto").stdout
+    states = torch.load(resumed / "ckpt.pt", weights_only=True)["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    log = train(2, *common, f"out_dir={resumed}", "resume=auto").stdout
     assert f"resumed from {resumed / 'ckpt.pt'} at step 10" in log
     assert losses(resumed) == losses(straight)
     a = torch.load(resumed / "ckpt.pt", weights_only=True)
     b = torch.load(straight / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 20 and a["world_size"] == 2
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in b["model"])
+
+
+def test_each_rank_restores_its_own_generator_and_a_new_rank_keeps_its_seed():
+    cpu = torch.device("cpu")
+    (own,) = gather_rng_states(cpu)  # one process: its own state only, no GPU entry on the CPU
+    assert set(own) == {"torch"}
+    torch.manual_seed(1)
+    first = torch.get_rng_state()
+    torch.manual_seed(2)
+    states = [{"torch": torch.get_rng_state()}, {"torch": first, "cuda": torch.zeros(16, dtype=torch.uint8)}]
+    assert restore_rng_state(states, 1, cpu) and torch.equal(torch.get_rng_state(), first)  # GPU state skipped
+    torch.manual_seed(3)
+    fresh = torch.get_rng_state()
+    assert not restore_rng_state(states, 2, cpu)  # resumed on more ranks than were saved
+    assert torch.equal(torch.get_rng_state(), fresh)
 
 
 VOTE_SCRIPT = """

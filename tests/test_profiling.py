@@ -21,7 +21,7 @@ def profiled(tmp_path_factory, corpus):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gptcore", "train",
-         "--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}", "train.sample_tokens=0",
+         "--config", "tiny", "train.device=cpu", f"data.path={corpus}", f"out_dir={run_dir}", "train.sample_tokens=0",
          "profile.cprofile=true", "profile.torch=true", "profile.torch_start=2", "profile.torch_steps=2",
          "profile.sampler=true", "profile.sampler_interval=0.2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

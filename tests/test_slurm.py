@@ -86,7 +86,7 @@ def monitor_row(table, job_id) -> list[str]:
 
 def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     train = jobs.sbatch("--job-name=test-4gpu", "slurm/train_4gpu.sbatch", f"data.path={corpus}",
-                        env={"CONFIG": "tiny", "EXTRA": "train.sample_tokens=0"})
+                        env={"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0"})
     run_dir = REPO / "runs" / f"test-4gpu-{train}"
     quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
                            f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch",
@@ -110,7 +110,7 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
 
 def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus):
     job = jobs.sbatch("--job-name=test-preempt", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
-                      "train.sample_tokens=0", env={"CONFIG": "tiny"})
+                      "train.sample_tokens=0", env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     run_dir = REPO / "runs" / f"test-preempt-{job}"
     wait_until(lambda: "step 50/2000" in log_text("test-preempt", job), 60, "the first logged step")
     row = monitor_row(monitor_once(), job)
@@ -129,7 +129,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
 
 def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
     job = jobs.sbatch("--job-name=test-deadrank", "slurm/train_2gpu.sbatch", f"data.path={corpus}",
-                      "train.max_iters=1000000", "train.log_interval=50", env={"CONFIG": "tiny"})
+                      "train.max_iters=1000000", "train.log_interval=50",
+                      env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     wait_until(lambda: "step 50/" in log_text("test-deadrank", job), 60, "the first logged step")
     # `scontrol listpids`: PID JOBID STEPID LOCALID GLOBALID; rank 1 of the training step.
     rows = [line.split() for line in run("scontrol", "listpids", job).splitlines()[1:]]
@@ -143,7 +144,7 @@ def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
 def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
     job = jobs.sbatch("--job-name=test-torchrun", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
                       "slurm/train_multinode.sbatch", f"data.path={corpus}", "train.sample_tokens=0",
-                      env={"CONFIG": "tiny", "LAUNCHER": "torchrun"})
+                      env={"CONFIG": "tiny", "LAUNCHER": "torchrun", "EXTRA": "train.device=cpu"})
     assert wait_until_ended(ENV, job, 120) == "COMPLETED", log_text("test-torchrun", job)
     assert "world_size=2 launcher=torchrun device=cpu" in log_text("test-torchrun", job)
     assert run_metrics(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
@@ -152,7 +153,7 @@ def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
 def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corpus, tmp_path):
     command = [sys.executable, "launch/submit.py", "--config", "tiny", "--gpus", "2", "--executor", "slurm",
                "--folder", str(tmp_path), "--job-name", "test-submit", f"data.path={corpus}", *LONG,
-               "train.sample_tokens=0"]
+               "train.sample_tokens=0", "train.device=cpu"]
     with subprocess.Popen(command, cwd=REPO, env=ENV, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         try:

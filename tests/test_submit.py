@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, assert_one_line_error, run_metrics
+from gptcore.errors import UserInputError
+from launch.submit import executor_parameters
 
 
 def submit(*args, timeout=240) -> subprocess.CompletedProcess:
@@ -18,7 +22,8 @@ def submit(*args, timeout=240) -> subprocess.CompletedProcess:
 
 def test_two_local_ranks_train_into_a_run_dir_named_after_the_job(tmp_path, corpus):
     result = submit("--config", "tiny", "--gpus", 2, "--executor", "local", "--folder", tmp_path,
-                    "--job-name", "test-submit-local", f"data.path={corpus}", "train.sample_tokens=0")
+                    "--job-name", "test-submit-local", f"data.path={corpus}", "train.sample_tokens=0",
+                    "train.device=cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     out_dir = Path(result.stdout.strip().splitlines()[-1])
     try:
@@ -49,3 +54,17 @@ def test_a_failing_run_ends_in_one_line_naming_the_cause(tmp_path):
     assert last.startswith("submit: job ") and "data file /nonexistent/book.txt does not exist" in last
     for run_dir in (REPO / "runs").glob("test-submit-fail-*"):
         shutil.rmtree(run_dir)
+
+
+def test_both_executors_are_asked_for_one_gpu_per_task():
+    """submitit's local executor sets each task's CUDA_VISIBLE_DEVICES from gpus_per_node (empty
+    without it, which silently trained on the CPU of a GPU machine); Slurm allocates them."""
+    local = executor_parameters("local", 2, 1, "job", 10, None, env={})
+    assert local["gpus_per_node"] == 2 and local["tasks_per_node"] == 2 and "visible_gpus" not in local
+    mine = executor_parameters("local", 2, 1, "job", 10, None, env={"CUDA_VISIBLE_DEVICES": "4,6,7"})
+    assert mine["visible_gpus"] == (4, 6, 7)
+    with pytest.raises(UserInputError, match="may use only 1 GPU"):
+        executor_parameters("local", 2, 1, "job", 10, None, env={"CUDA_VISIBLE_DEVICES": "3"})
+    slurm = executor_parameters("slurm", 4, 2, "job", 10, "gpu", env={"CUDA_VISIBLE_DEVICES": "3"})
+    assert (slurm["gpus_per_node"], slurm["nodes"], slurm["slurm_partition"]) == (4, 2, "gpu")
+    assert "visible_gpus" not in slurm

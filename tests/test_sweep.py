@@ -26,7 +26,7 @@ echo "1, 85, 31102, 81559, 305.10, 63"
 echo "2, 90, 31190, 81559, 318.77, 66"
 echo "3, 12, 2, 81559, [N/A], 41"
 """
-TRAIN = ["--config", "tiny", "train.max_iters=40", "train.sample_tokens=0", "profile.sampler_interval=0.25"]
+TRAIN = ["--config", "tiny", "train.device=cpu", "train.max_iters=40", "train.sample_tokens=0", "profile.sampler_interval=0.25"]
 
 
 @pytest.fixture
