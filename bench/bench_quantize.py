@@ -180,8 +180,9 @@ def bench_checkpoint(args) -> dict:
             checkpoint.save(quantized_checkpoint(state, mode, group), files[mode])
         loaded = {mode: load_model(path) for mode, path in files.items()}
         speeds = median_speeds({mode: m.model for mode, m in loaded.items()}, args.tokens, args.repeats)
+        data = args.data or str(Path(args.ckpt).parent / "data")  # the run's own prepared data
         for mode, model in loaded.items():
-            result = evaluate(model, None, args.eval_batches, 16, scratch_dir=Path(tmp) / "data")
+            result = evaluate(model, data, args.eval_batches, 16)
             rows[mode] = {"bytes": files[mode].stat().st_size, "val_loss": result["val_loss"],
                           "val_bpc": result["val_bpc"], "tokens_per_s": speeds[mode]}
     for row in rows.values():
@@ -221,6 +222,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="a trained fp32 checkpoint (skipped when absent)")
+    parser.add_argument("--data", default=None, help="text to evaluate on (default: the run's data beside --ckpt)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)

@@ -126,11 +126,15 @@ def section_env(check: Check) -> None:
               if gpus else "not found" if not smi else "no GPU rows parsed", ok=bool(gpus) if check.cuda else None)
 
 
-def section_train(check: Check) -> None:
+def step_window(check: Check) -> list[str]:
+    """The timed runs of the train and ddp sections: a few windows, a 3-step profiler window late."""
     steps = 40 if check.smoke else 120
-    window = ["train.log_interval=10", f"train.max_iters={steps}", f"train.eval_interval={steps}",
-              "train.eval_iters=1", "train.ckpt_interval=0", "profile.torch=true", f"profile.torch_start={steps - 15}",
-              "profile.torch_steps=3"]
+    return ["train.log_interval=10", f"train.max_iters={steps}", f"train.eval_interval={steps}", "train.eval_iters=1",
+            "train.ckpt_interval=0", "profile.torch=true", f"profile.torch_start={steps - 15}", "profile.torch_steps=3"]
+
+
+def section_train(check: Check) -> None:
+    window = step_window(check)
     eager_ms = None
     for compiled in ("false", "true"):
         label = "compiled" if compiled == "true" else "eager"
@@ -288,11 +292,12 @@ def section_shakespeare(check: Check) -> None:
 
 
 def section_ddp(check: Check) -> None:
-    steps = 30 if check.smoke else 80
-    common = ["train.log_interval=10", f"train.max_iters={steps}", f"train.eval_interval={steps}", "train.eval_iters=1",
-              "train.ckpt_interval=0", "train.compile=true"]
+    """Against the train section's compiled run (the same steps and profiler window), when it ran."""
+    common = [*step_window(check), "train.compile=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
-    plain, _ = train(check, check.seed, "ddp-plain", *common)
+    plain = check.out / "runs" / "train-compiled"
+    if not (plain / "metrics.jsonl").is_file():
+        plain, _ = train(check, check.seed, "ddp-plain", *common)
     grouped, log = train(check, check.seed, "ddp-one-rank", *common, "train.single_rank_group=true", launcher=torchrun)
     backend = next((part.split("=")[1] for part in log.split() if part.startswith("backend=")), "?")
     plain_ms = steady_median(read_metrics(plain / "metrics.jsonl"))

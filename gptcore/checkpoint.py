@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 import threading
 import zipfile
@@ -24,7 +25,8 @@ from typing import BinaryIO, Callable
 import torch
 
 from gptcore import distributed
-from gptcore.errors import TrainingFailure, UserInputError
+from gptcore.config import Config, config_from_dict, resume_conflicts
+from gptcore.errors import TrainingFailure, UserInputError, shown
 
 FORMAT = "gptcore-checkpoint"
 FORMAT_VERSION = 1
@@ -104,12 +106,18 @@ def load(path: Path, expected_format: str | None = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if unsafe:  # weights_only refused to run pickle code: say what the file wanted to run
+            raise UserInputError(f"checkpoint {path} wants to run code when loaded (it names {unsafe.group(1)}); "
+                                 "gptcore loads only plain tensors and values, so it is refused: use a checkpoint "
+                                 "written by `gptcore train` or `gptcore quantize`") from None
+        reason = text.splitlines()[0][:160] if text else type(err).__name__
         raise UserInputError(unreadable.format(path=path, reason=reason)) from None
     if not isinstance(state, dict) or "format" not in state:
         raise UserInputError(f"{path} is not a gptcore checkpoint; pass a ckpt.pt written by `gptcore train`")
     if expected_format and state["format"] != expected_format:
-        raise UserInputError(f"{path} is a {state['format']} file, expected {expected_format}")
+        raise UserInputError(f"{path} is a {shown(state['format'])} file, expected {expected_format}")
     return state
 
 
@@ -205,23 +213,40 @@ class Checkpointer:
         self.error: TrainingFailure | None = None
         self.saved_step: int | None = None  # the newest step whose file is complete on disk
 
-    def existing(self, resume: str) -> dict | None:
-        """The checkpoint to resume from, if any; refuses to overwrite a run unless resume=auto."""
+    def existing(self, config: Config) -> dict | None:
+        """The checkpoint to resume from, if any. Refuses to overwrite a run unless resume=auto, and
+        to resume one whose model is laid out differently from the one asked for."""
         if not self.path.exists():
             return None
-        if resume != "auto":
+        if config.resume != "auto":
             raise UserInputError(
                 f"{self.path} already exists; pass resume=auto to continue that run or choose another out_dir")
-        return load(self.path, FORMAT)
+        state = load(self.path, FORMAT)
+        saved = config_from_dict(state["config"], f"the config in {self.path}")
+        if conflicts := resume_conflicts(saved, config):
+            raise UserInputError(f"{self.path} holds another model ({', '.join(conflicts)}); resume with the "
+                                 "checkpoint's model settings, or train into another out_dir")
+        return state
+
+    def kept(self) -> str:
+        """What survives a failure, for its message."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"{self.path} (step {self.saved_step}) is kept"
 
     def restore(self, state: dict, model: torch.nn.Module, optimizer, data) -> tuple[int, float]:
         """Load a checkpoint into the run's objects; returns (step, best validation loss)."""
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data.load_state_dict(state["data"])
-        restore_rng_state(state["rng"], self.rank, self.device)
-        self.saved_step = state["step"]
-        return state["step"], state["best_val_loss"]
+        try:
+            step, best = int(state["step"]), float(state["best_val_loss"])
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            data.load_state_dict(state["data"])
+            restore_rng_state(state["rng"], self.rank, self.device)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise UserInputError(f"checkpoint {self.path} is damaged or from another version "
+                                 f"({type(err).__name__} while restoring it); use another checkpoint or retrain") from None
+        self.saved_step = step
+        return step, best
 
     def save(self, step: int, model: torch.nn.Module, optimizer, data, **run: object) -> None:
         """Collective: every rank calls it, rank 0 writes. `run` adds the run's description

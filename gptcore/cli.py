@@ -63,21 +63,27 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from gptcore.config import load_config
-    from gptcore.train import Trainer
+    from gptcore import preemption
 
-    config = load_config(args.config, args.overrides)
-    trainer = Trainer(config)
-    result = trainer.run()
-    finished = result.final_step == config.train.max_iters
-    if finished and trainer.is_main and config.train.sample_tokens:
-        from gptcore.inference import generate_text, load_model
+    # From the start to the end of the sample, a scheduler's signal stops training at a step
+    # boundary and never ends the process with a signal status.
+    with preemption.catching():
+        from gptcore.config import load_config
 
-        loaded = load_model(trainer.ckpt_path, str(trainer.device))
-        text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
-        print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
-        print(text.strip("\n"))
-        print("---")
+        config = load_config(args.config, args.overrides)  # before torch is imported: a typo fails at once
+        from gptcore.train import Trainer
+
+        trainer = Trainer(config)
+        result = trainer.run()
+        finished = result.final_step == config.train.max_iters
+        if finished and trainer.is_main and config.train.sample_tokens:
+            from gptcore.inference import generate_text, load_model
+
+            loaded = load_model(trainer.ckpt_path, str(trainer.device))
+            text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
+            print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
+            print(text.strip("\n"))
+            print("---")
 
 
 def cmd_sample(args) -> None:

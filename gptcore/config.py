@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from gptcore.errors import UserInputError
+from gptcore.errors import UserInputError, shown
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -64,7 +64,8 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     sample_tokens: int = 200  # text generated at the end of training; 0 for none
-    timeout_s: int = 300  # a rank that waits longer than this on the others fails the job
+    timeout_s: int = 300  # the longest a rank waits on the others (start-up, eval, checkpoints); then it fails
+    step_timeout_s: float = 0.0  # the longest one step may wait, once past the first log; 0: 10x a window, >= 60 s
     requeue: bool = True  # on SIGUSR1 under Slurm: checkpoint, then requeue the job (scontrol requeue)
 
 
@@ -102,6 +103,12 @@ CHOICES = {
 }
 
 
+SECTIONS = ("model", "data", "train", "profile")
+MAX_LAYERS = 1000  # deeper than any GPT trained; bounds the time to build a model from a header
+# What a checkpoint's weights are laid out for: a resumed run must keep them.
+ARCHITECTURE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
+
+
 def all_keys(obj=None, prefix: str = "") -> dict[str, type]:
     """Every settable dotted key with the type of its field."""
     obj = obj if obj is not None else Config()
@@ -125,26 +132,26 @@ def parse_value(key: str, raw, kind: type):
             return True
         if text in ("false", "0", "no", "off"):
             return False
-        raise UserInputError(f"config key {key} needs true or false, got {raw!r}")
+        raise UserInputError(f"config key {key} needs true or false, got {shown(raw)}")
     if kind is int:
         if isinstance(raw, bool):
-            raise UserInputError(f"config key {key} needs an integer, got {raw!r}")
+            raise UserInputError(f"config key {key} needs an integer, got {shown(raw)}")
         try:
             number = float(raw)
-        except (TypeError, ValueError):
-            raise UserInputError(f"config key {key} needs an integer, got {raw!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserInputError(f"config key {key} needs an integer, got {shown(raw)}") from None
         if not number.is_integer():
-            raise UserInputError(f"config key {key} needs an integer, got {raw!r}")
+            raise UserInputError(f"config key {key} needs an integer, got {shown(raw)}")
         return int(number)
     if kind is float:
         if isinstance(raw, bool):
-            raise UserInputError(f"config key {key} needs a number, got {raw!r}")
+            raise UserInputError(f"config key {key} needs a number, got {shown(raw)}")
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise UserInputError(f"config key {key} needs a number, got {raw!r}") from None
-    if isinstance(raw, (dict, list)):
-        raise UserInputError(f"config key {key} needs a single value, got {raw!r}")
+            raise UserInputError(f"config key {key} needs a number, got {shown(raw)}") from None
+    if not isinstance(raw, (str, int, float, bool)):
+        raise UserInputError(f"config key {key} needs a single value, got {shown(raw)}")
     if isinstance(raw, bool):  # YAML's `compile: true` for a key that also takes auto
         return "true" if raw else "false"
     return str(raw)
@@ -182,15 +189,27 @@ def set_key(config: Config, key: str, raw) -> None:
     setattr(target, name, parse_value(key, raw, keys[key]))
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
+def dotted_items(tree: dict, source: str) -> list[tuple[str, object]]:
+    """(dotted key, value) pairs of a config tree, walked by the schema: sections are one level of
+    plain keys, and nothing deeper is ever visited. A file from elsewhere (a checkpoint's config,
+    a YAML file with aliases) can nest shared references that would unfold into billions of
+    entries; those stay unvisited and fail as values of the wrong kind."""
+    if not isinstance(tree, dict):
+        raise UserInputError(f"{source} must be a mapping of keys to values")
+    def name(key) -> str:
+        if not isinstance(key, str):
+            raise UserInputError(f"{source} has a key that is not a name ({shown(key)})")
+        return key
+
+    items = []
     for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
+        if name(key) in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserInputError(f"{source}: {key} must be a mapping of keys to values, got {shown(value)}")
+            items += [(f"{key}.{name(inner_key)}", inner) for inner_key, inner in value.items()]
         else:
-            flat[dotted] = value
-    return flat
+            items.append((key, value))
+    return items
 
 
 def preset_names() -> list[str]:
@@ -233,7 +252,7 @@ def validate(config: Config) -> Config:
         for part in key.split("."):
             value = value[part]
         if value not in allowed:
-            raise UserInputError(f"config key {key} must be one of {', '.join(allowed)}, got {value!r}")
+            raise UserInputError(f"config key {key} must be one of {', '.join(allowed)}, got {shown(value)}")
     m, t = config.model, config.train
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
@@ -250,11 +269,13 @@ def validate(config: Config) -> Config:
         "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
         "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads,
         "train.sample_tokens": t.sample_tokens, "train.stop_at": t.stop_at,
-        "train.peak_tflops": t.peak_tflops,
+        "train.peak_tflops": t.peak_tflops, "train.step_timeout_s": t.step_timeout_s,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise UserInputError(f"config key {key} must not be negative, got {value}")
+    if m.n_layer > MAX_LAYERS:
+        raise UserInputError(f"config key model.n_layer={m.n_layer} is more than {MAX_LAYERS} layers; use fewer")
     if m.n_embd % m.n_head:
         raise UserInputError(
             f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
@@ -273,7 +294,7 @@ def load_config(name_or_file: str | None = None, overrides: list[str] | dict | N
     """Defaults <- preset or YAML file <- overrides, validated."""
     config = Config()
     if name_or_file:
-        for key, value in flatten(read_yaml(name_or_file)).items():
+        for key, value in dotted_items(read_yaml(name_or_file), f"config {name_or_file}"):
             set_key(config, key, value)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
@@ -282,12 +303,25 @@ def load_config(name_or_file: str | None = None, overrides: list[str] | dict | N
     return validate(config)
 
 
-def config_from_dict(tree: dict) -> Config:
-    """Rebuild a Config saved in a checkpoint or config.yaml."""
+def config_from_dict(tree: dict, source: str = "the saved config") -> Config:
+    """Rebuild and validate a Config saved in a checkpoint or config.yaml, exactly as a YAML file
+    is checked: an untrusted file gets no more room than a user's own."""
     config = Config()
-    for key, value in flatten(tree).items():
+    for key, value in dotted_items(tree, source):
         set_key(config, key, value)
-    return config
+    return validate(config)
+
+
+def resume_conflicts(saved: Config, requested: Config) -> list[str]:
+    """The architecture keys on which a checkpoint and the run that would resume it differ, as
+    `key=saved (asked key=requested)`. Everything else may change on resume (see the README)."""
+    conflicts = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        was, now = getattr(getattr(saved, section), name), getattr(getattr(requested, section), name)
+        if was != now:
+            conflicts.append(f"{key}={was} (asked {now})")
+    return conflicts
 
 
 def write_yaml(config: Config, path: Path) -> None:

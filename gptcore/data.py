@@ -9,10 +9,12 @@ a raw text file or a corpus name and prepares it on the spot.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -114,34 +116,63 @@ def token_dtype(vocab_size: int):
 # Reading and preparing text
 
 
+READ_CHUNK = 16 * 2**20
+
+
 def read_text(path: Path) -> str:
+    """A UTF-8 text file, read in chunks and checked as it is read: a FIFO, a device or a
+    directory is refused before anything is read, and a binary file at its first NUL byte."""
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"data file {path} does not exist; pass data.path=FILE with a UTF-8 text file")
     if path.is_dir():
         raise UserInputError(f"data path {path} is a directory without meta.json; run `gptcore prepare` on a text file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserInputError(f"data file {path} is empty; pass a text file with content")
-    if b"\x00" in raw:
-        raise UserInputError(f"data file {path} looks binary (it has NUL bytes); pass a UTF-8 text file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise UserInputError(f"data path {path} is not a regular file (a pipe, socket or device); "
+                             "pass a text file saved on disk")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts, offset = [], 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            if b"\x00" in chunk:
+                raise UserInputError(f"data file {path} looks binary (it has NUL bytes); pass a UTF-8 text file")
+            try:
+                parts.append(decoder.decode(chunk))
+            except UnicodeDecodeError as err:
+                raise UserInputError(
+                    f"data file {path} is not UTF-8 (bad byte at offset {offset + err.start}); "
+                    f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt") from None
+            offset += len(chunk)
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserInputError(
-            f"data file {path} is not UTF-8 (bad byte at offset {err.start}); "
-            f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt") from None
+        parts.append(decoder.decode(b"", final=True))
+    except UnicodeDecodeError:
+        raise UserInputError(f"data file {path} is not UTF-8 (it ends inside a character); convert it") from None
+    text = "".join(parts)
+    if not text.strip():
+        raise UserInputError(f"data file {path} is empty; pass a text file with content")
+    return text
 
 
 def sha256_bytes(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def prepare_text(text: str, out_dir: Path, clean: str, source: str) -> dict:
+def check_vocab(found: list[str], expected: list[str] | None, source: str) -> None:
+    """A resumed run must read text of the checkpoint's vocabulary: refused before anything is written."""
+    if expected is not None and list(found) != list(expected):
+        new = "".join(sorted(set(found) - set(expected)))[:20]
+        raise UserInputError(
+            f"{source} has another vocabulary than the checkpoint being resumed ({len(found)} characters vs "
+            f"{len(expected)}{f'; new: {new!r}' if new else ''}); resume on the text it was trained on, "
+            "or train into another out_dir")
+
+
+def prepare_text(text: str, out_dir: Path, clean: str, source: str, expected_vocab: list[str] | None = None) -> dict:
     """Clean, tokenize and split `text` into out_dir; returns the meta written."""
     text_sha256 = sha256_bytes(text.encode("utf-8"))
     text = CLEANERS[clean](text)
     tokenizer = CharTokenizer.from_text(text)
+    check_vocab(tokenizer.vocab, expected_vocab, source)
     dtype = token_dtype(len(tokenizer.vocab))
     ids = tokenizer.encode_array(text).astype(dtype)
     split = int(len(ids) * (1 - VAL_FRACTION))
@@ -215,9 +246,11 @@ def read_meta(data_dir: Path) -> dict:
         raise UserInputError(f"prepared data in {data_dir} is unreadable ({err}); run `gptcore prepare` again") from None
 
 
-def resolve_data(path: str, clean: str, scratch_dir: Path) -> Path:
+def resolve_data(path: str, clean: str, scratch_dir: Path, expected_vocab: list[str] | None = None) -> Path:
     """Where the prepared data for `data.path` lives, preparing a raw text file into scratch_dir.
-    Never touches the network: named corpora must have been fetched by env/setup.sh."""
+    With expected_vocab (a resumed run), text of another vocabulary is refused before
+    scratch_dir is touched. Never touches the network: named corpora must have been fetched by
+    env/setup.sh."""
     if path in CORPORA:
         prepared = corpus_dir(path, clean)
         if not (prepared / "meta.json").is_file():
@@ -226,9 +259,11 @@ def resolve_data(path: str, clean: str, scratch_dir: Path) -> Path:
                     f"corpus {path!r} is not downloaded; run `bash env/setup.sh` or "
                     f"`gptcore prepare --data {path}` first")
             prepare(path, prepared, clean, download=False)
+        check_vocab(read_meta(prepared)["vocab"], expected_vocab, f"corpus {path}")
         return prepared
     candidate = Path(path)
     if candidate.is_dir() and (candidate / "meta.json").is_file():
+        check_vocab(read_meta(candidate)["vocab"], expected_vocab, str(candidate))
         return candidate
     text = read_text(candidate)
     prepared = Path(scratch_dir)
@@ -236,8 +271,9 @@ def resolve_data(path: str, clean: str, scratch_dir: Path) -> Path:
     if (prepared / "meta.json").is_file():
         meta = read_meta(prepared)
         if meta.get("text_sha256") == digest and meta.get("clean") == clean:
+            check_vocab(meta["vocab"], expected_vocab, str(candidate))
             return prepared
-    prepare_text(text, prepared, clean, str(candidate))
+    prepare_text(text, prepared, clean, str(candidate), expected_vocab)
     return prepared
 
 

@@ -13,6 +13,7 @@ torch.cuda.is_available(), never CUDA_VISIBLE_DEVICES: a CPU node under Slurm ca
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptcore.errors import UserInputError
+from gptcore.errors import LostRanks, UserInputError
 
 
 @dataclass(frozen=True)
@@ -58,31 +59,91 @@ def port_for_job(job_id: str) -> int:
 
 
 def read_contract(env=os.environ) -> RankContract:
-    """Pure apart from the scontrol call for srun jobs without MASTER_ADDR."""
-    def number(name: str) -> int:
+    """Pure apart from the scontrol call for srun jobs without MASTER_ADDR. Values that could only
+    hang the process group (a rank outside the world, a port that is no port) are refused here."""
+    def number(name: str, default: int | None = None) -> int:
+        if name not in env or (default is not None and env[name] == ""):
+            return default
         try:
             return int(env[name])
         except ValueError:
             raise UserInputError(f"environment variable {name}={env[name]!r} is not an integer") from None
 
     if "RANK" in env and "WORLD_SIZE" in env:
-        return RankContract(
-            rank=number("RANK"), world_size=number("WORLD_SIZE"),
-            local_rank=number("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-            # submitit's TorchDistributedEnvironment().export() writes the same variables
-            launcher="submitit" if "SUBMITIT_EXECUTOR" in env else "torchrun")
+        # submitit's TorchDistributedEnvironment().export() writes the same variables as torchrun
+        launcher = "submitit" if "SUBMITIT_EXECUTOR" in env else "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+        contract = RankContract(number("RANK"), number("WORLD_SIZE"), number("LOCAL_RANK", 0),
+                                env.get("MASTER_ADDR", "127.0.0.1"), number("MASTER_PORT", 29500), launcher)
+        names = ("RANK", "WORLD_SIZE", "MASTER_PORT")
     # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script that runs python
     # directly is one process even when the job has several tasks.
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and number("SLURM_STEP_NUM_TASKS") > 1:
-        job_id = env.get("SLURM_JOB_ID", "")
-        return RankContract(
-            rank=number("SLURM_PROCID"), world_size=number("SLURM_STEP_NUM_TASKS"),
-            local_rank=number("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=env.get("MASTER_ADDR") or slurm_master_addr(env.get("SLURM_JOB_NODELIST", "")),
-            master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)), launcher="srun")
-    return RankContract()
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and number("SLURM_STEP_NUM_TASKS") > 1:
+        contract = RankContract(
+            number("SLURM_PROCID"), number("SLURM_STEP_NUM_TASKS"), number("SLURM_LOCALID", 0),
+            env.get("MASTER_ADDR") or slurm_master_addr(env.get("SLURM_JOB_NODELIST", "")),
+            number("MASTER_PORT", port_for_job(env.get("SLURM_JOB_ID", ""))), "srun")
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MASTER_PORT")
+    else:
+        return RankContract()
+    rank_name, world_name, port_name = names
+    if contract.world_size < 1:
+        raise UserInputError(f"{world_name}={contract.world_size}: there must be at least one rank")
+    if not 0 <= contract.rank < contract.world_size:
+        raise UserInputError(f"{rank_name}={contract.rank} is not a rank of {world_name}={contract.world_size} "
+                             f"(ranks are 0 to {contract.world_size - 1}); check how the ranks were started")
+    if contract.local_rank < 0:
+        raise UserInputError(f"the local rank {contract.local_rank} is negative; check LOCAL_RANK / SLURM_LOCALID")
+    if not 0 < contract.master_port < 65536:
+        raise UserInputError(f"{port_name}={contract.master_port} is not a TCP port (1-65535)")
+    return contract
+
+
+def ranks_per_node(contract: RankContract, env=os.environ) -> int | None:
+    """How many ranks share this node: torchrun's LOCAL_WORLD_SIZE, or this srun step's tasks on
+    it (SLURM_STEP_TASKS_PER_NODE is `4` or `4(x2)`, the same on every node of a uniform step)."""
+    text = env.get("LOCAL_WORLD_SIZE") if contract.launcher != "srun" else env.get("SLURM_STEP_TASKS_PER_NODE")
+    head = (text or "").split("(")[0].split(",")[0]
+    return int(head) if head.isdigit() else None
+
+
+def preflight(contract: RankContract, env=os.environ, cuda_devices: int = 0) -> None:
+    """What would make the ranks wait for each other forever, found before they start to: more
+    ranks on a node than it has GPUs, a master address that resolves to loopback when ranks on
+    other nodes must reach it, a master port already taken where rank 0 must listen."""
+    if contract.world_size == 1:
+        return
+    local = ranks_per_node(contract, env)
+    if cuda_devices and local and local > cuda_devices:
+        raise UserInputError(f"{local} ranks on {socket.gethostname()} but {cuda_devices} GPU(s) visible there; "
+                             f"start {cuda_devices} rank(s) per node (--ntasks-per-node / --nproc-per-node) or "
+                             "ask for more GPUs (--gpus-per-node)")
+    nodes = env.get("SLURM_JOB_NUM_NODES", "1")
+    if nodes.isdigit() and int(nodes) > 1:
+        try:
+            address = socket.gethostbyname(contract.master_addr)
+        except OSError as err:
+            raise UserInputError(f"MASTER_ADDR={contract.master_addr} does not resolve on {socket.gethostname()} "
+                                 f"({err}); set MASTER_ADDR to the first node's address") from None
+        if address.startswith("127."):
+            raise UserInputError(
+                f"MASTER_ADDR={contract.master_addr} resolves to the loopback address {address} on "
+                f"{socket.gethostname()}, which the job's other {int(nodes) - 1} node(s) cannot reach; set "
+                "MASTER_ADDR to an address they can (this node's address on the cluster network) or fix /etc/hosts")
+    # torchrun's own agent already listens on its port; elsewhere rank 0 is the one to listen.
+    if contract.rank == 0 and contract.launcher != "torchrun" and not port_is_free(contract.master_port):
+        raise UserInputError(f"MASTER_PORT {contract.master_port} is already in use on {socket.gethostname()} "
+                             "(another job or run?); set MASTER_PORT to a free port")
+
+
+def port_is_free(port: int) -> bool:
+    """Whether rank 0 can listen on the port (the process group's store listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def cuda_index(local_rank: int, device_count: int) -> int:
@@ -158,6 +219,15 @@ def lost_peer(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
 
 
+def lost_ranks(err: BaseException, rank: int, kept: str) -> LostRanks:
+    """The one line for a rank whose collective failed because the others went away."""
+    # gloo's message: "[source file:line] Read error [addr]:port: Connection reset by peer. Advice..."
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+    return LostRanks(f"rank {rank} lost the other ranks ({detail}): one of them or its node has died, see their "
+                     f"logs; {kept}, and a rerun with resume=auto continues from it")
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -210,6 +280,17 @@ class LaggedVote:
     def close(self) -> None:
         """Wait for the vote in flight, in this thread (see barrier() for why it matters)."""
         self._collect()
+
+
+def rank0_first(work):
+    """work() on rank 0, then, once it is done, on the other ranks: for preparing files that
+    every rank then reads (rank 0 writes them; the others find them ready)."""
+    if not is_initialized() or dist.get_rank() == 0:
+        result = work()
+        barrier()
+        return result
+    barrier()
+    return work()
 
 
 def gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -29,3 +29,13 @@ class LostRanks(TrainingFailure):
     process ends without that teardown once the message is out."""
 
     exit_at_once = True
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value from a file we do not trust, fit for a one-line message: a number or a string as
+    its repr, cut short; anything else by its type alone. A list that nests shared references
+    can print as billions of characters, so containers are never printed."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "..."
+    return f"a {type(value).__name__}"

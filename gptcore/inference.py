@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,9 @@ import torch
 
 from gptcore import checkpoint, hardware
 from gptcore.config import config_from_dict
-from gptcore.data import Batches, CharTokenizer, resolve_data
-from gptcore.errors import UserInputError
-from gptcore.model import GPT
+from gptcore.data import CORPORA, Batches, CharTokenizer, resolve_data
+from gptcore.errors import UserInputError, shown
+from gptcore.model import GPT, parameter_count
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
 
 DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
@@ -30,6 +31,7 @@ class LoadedModel:
     config: object
     kind: str  # "fp32" or a quantization mode
     device: torch.device
+    path: Path | None = None  # the checkpoint file it came from
 
 
 def resolve_device(choice: str, kind: str) -> torch.device:
@@ -55,23 +57,43 @@ def resolve_device(choice: str, kind: str) -> torch.device:
     return device
 
 
+BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def check_header_fits_file(config, kind: str, file_bytes: int, path: Path) -> None:
+    """A header may describe a model no larger than its file can hold: a 40 KB file claiming
+    100,000 layers is refused before anything is built (which would take minutes and GBs)."""
+    needed = parameter_count(config.model) * BYTES_PER_PARAMETER.get(kind, 4)
+    if needed > 1.05 * file_bytes + 2**20:
+        raise UserInputError(f"checkpoint {path} describes a model of {parameter_count(config.model):,} parameters "
+                             f"({needed / 1e6:,.0f} MB as {kind}) in a {file_bytes / 1e6:,.1f} MB file: its header "
+                             "was altered or the file is cut short; use another checkpoint or retrain")
+
+
 def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
     state = checkpoint.load(ckpt_path)
     try:
-        config = config_from_dict(state["config"])
+        config = config_from_dict(state["config"], f"the config in {ckpt_path}")
+        kind = "fp32" if state["format"] == checkpoint.FORMAT else str(state.get("mode"))
+        check_header_fits_file(config, kind, Path(ckpt_path).stat().st_size, Path(ckpt_path))
         if state["format"] == checkpoint.FORMAT:
             model = GPT(config.model)
             model.load_state_dict(state["model"])
             kind = "fp32"
         else:
             model, kind = model_from_quantized(state, config)
-        tokenizer = CharTokenizer(state["vocab"])
+        vocab = state["vocab"]
+        if not (isinstance(vocab, list) and len(vocab) == config.model.vocab_size == len(set(vocab))
+                and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
+            raise ValueError(f"its vocabulary ({shown(vocab)}) is not {config.model.vocab_size} distinct characters")
+        tokenizer = CharTokenizer(vocab)
     except UserInputError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({err}); retrain or re-export it") from None
+        raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({str(err)[:200]}); "
+                             "retrain or re-export it") from None
     target = resolve_device(device, kind)
-    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target)
+    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target, Path(ckpt_path))
 
 
 def timed_generate(loaded: LoadedModel, idx: torch.Tensor, tokens: int, seed: int, temperature: float,
@@ -131,23 +153,39 @@ def decode_speed(loaded: LoadedModel, tokens: int, seed: int, compile: bool = Fa
             "device": str(loaded.device), "compiled": compile, "new_tokens": tokens}
 
 
+def eval_data(loaded: LoadedModel, data_path: str | None, scratch: Path) -> Path:
+    """The prepared data an evaluation reads. --data when given (a text file is prepared into
+    `scratch`, a temporary directory: nothing is written beside the checkpoint); otherwise the
+    data that training prepared beside the checkpoint (RUN_DIR/data), or the named corpus it was
+    trained on. A path recorded inside a checkpoint is never opened: the file is not trusted to
+    name what may be read or written."""
+    if data_path:
+        return resolve_data(data_path, loaded.config.data.clean, scratch)
+    beside = loaded.path.parent / "data" if loaded.path else None
+    if beside is not None and (beside / "meta.json").is_file():
+        return beside
+    if loaded.config.data.path in CORPORA:
+        return resolve_data(loaded.config.data.path, loaded.config.data.clean, scratch)
+    raise UserInputError(f"no prepared data beside {loaded.path}; pass the text to evaluate on with --data "
+                         "(a text file, a prepared directory or a corpus name)")
+
+
 @torch.no_grad()
-def evaluate(loaded: LoadedModel, data_path: str | None, batches: int = 20, batch_size: int = 16,
-             scratch_dir: Path | None = None) -> dict:
+def evaluate(loaded: LoadedModel, data_path: str | None, batches: int = 20, batch_size: int = 16) -> dict:
     """Validation loss on fixed batches (the same seed every time, so checkpoints and their
     quantized versions are compared on identical text)."""
     config = loaded.config
-    data_dir = resolve_data(data_path or config.data.path, config.data.clean,
-                            scratch_dir or Path(config.out_dir) / "data")
-    data = Batches(data_dir, config.model.block_size, seed=config.train.seed, device=loaded.device)
-    if data.meta["vocab"] != loaded.tokenizer.vocab:
-        raise UserInputError(f"the data at {data_dir} has another vocabulary than the checkpoint; "
-                             "evaluate on the text the model was trained on")
-    total = torch.zeros((), device=loaded.device)
-    for x, y in data.eval_batches("val", batches, batch_size):
-        _, loss = loaded.model(x, y)
-        total += loss.float()
-    val_loss = total.item() / batches
+    with tempfile.TemporaryDirectory(prefix="gptcore-eval-") as scratch:
+        data_dir = eval_data(loaded, data_path, Path(scratch))
+        data = Batches(data_dir, config.model.block_size, seed=config.train.seed, device=loaded.device)
+        if data.meta["vocab"] != loaded.tokenizer.vocab:
+            raise UserInputError(f"the data at {data_dir} has another vocabulary than the checkpoint; "
+                                 "evaluate on the text the model was trained on")
+        total = torch.zeros((), device=loaded.device)
+        for x, y in data.eval_batches("val", batches, batch_size):
+            _, loss = loaded.model(x, y)
+            total += loss.float()
+        val_loss = total.item() / batches
     return {"val_loss": val_loss, "val_bpc": val_loss / math.log(2), "batches": batches,
             "batch_size": batch_size, "block_size": config.model.block_size, "model": loaded.kind,
             "device": str(loaded.device)}

@@ -16,6 +16,15 @@ from torch.nn import functional as F
 from gptcore.config import ModelConfig
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """GPT(config)'s parameters counted from the shape alone (the tied head once): how large a
+    model a config or a checkpoint's header describes, known before anything is built."""
+    C, bias = config.n_embd, config.bias
+    norm = C * (2 if bias else 1)
+    per_layer = 12 * C * C + 2 * norm + (9 * C if bias else 0)  # qkv 3C, proj C, fc 4C, proj C
+    return config.n_layer * per_layer + (config.vocab_size + config.block_size) * C + norm
+
+
 class KVCache:
     """Keys and values for every position of the context window, allocated once and written at the
     positions a tensor names (gpt-fast's static cache). A decode step then has the same shapes and

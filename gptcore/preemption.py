@@ -1,8 +1,16 @@
-"""Signals from the scheduler: checkpoint at the next step boundary, then requeue the job.
+"""Signals from the scheduler: checkpoint at the next step boundary, then stop (and requeue).
 
-Slurm's `--signal=USR1@N` (a warning before the time limit, or a preemption) sends SIGUSR1;
-submitit's jobs get SIGUSR2. The training loop looks at the flag after every step; several ranks
-agree on it in the background (distributed.LaggedVote), so all stop at the same step.
+- SIGUSR1: Slurm's `--signal=USR1@N` (a warning before the time limit, or a preemption), the one
+  the templates ask for: checkpoint, then requeue the job.
+- SIGUSR2: what submitit's jobs get for the same; submitit requeues them itself.
+- SIGTERM: `scancel`, a time limit without `--signal`, a preemption with GraceTime, a plain kill.
+  Checkpoint and stop, without a requeue: a user's scancel sends it too, and nothing tells the two
+  apart (Slurm requeues preempted jobs itself where the cluster's PreemptMode says so).
+The handlers are installed when a training command starts, before any set-up, and stay until it
+ends, its final sample included: a signal then never ends the process with a signal status
+(which marks a finished job FAILED and holds back `--dependency=afterok` jobs). The training loop
+looks at the flag after every step; several ranks agree on it in the background
+(distributed.LaggedVote), so all stop at the same step. SIGINT (Ctrl-C) still interrupts at once.
 """
 
 from __future__ import annotations
@@ -11,30 +19,52 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+REQUEUEING = ("SIGUSR1", "SIGUSR2")
+SIGNALS = tuple(getattr(signal, name) for name in (*REQUEUEING, "SIGTERM") if hasattr(signal, name))
 
-class PreemptionFlag:
-    """Raised by SIGUSR1 or SIGUSR2 while the loop runs. The previous handlers come back
-    afterwards, so a launcher's own handler (submitit's requeue) still runs."""
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+class Flag:
+    """The first stop signal received while a training command runs."""
 
     def __init__(self):
-        self.raised = False
+        self.name: str | None = None
+        self.depth = 0
         self.previous = {}
 
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
+    @property
+    def raised(self) -> bool:
+        return self.name is not None
+
+    @property
+    def requeues(self) -> bool:
+        return self.name in REQUEUEING
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self.name = self.name or signal.Signals(signum).name
 
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+
+FLAG = Flag()
+
+
+@contextmanager
+def catching():
+    """Hold the stop signals for the block; nested blocks share the outer one's handlers. The
+    previous handlers come back afterwards, so a launcher's own (submitit's requeue) still runs."""
+    if FLAG.depth == 0:
+        FLAG.name = None
+        FLAG.previous = {sig: signal.signal(sig, FLAG._handle) for sig in SIGNALS}
+    FLAG.depth += 1
+    try:
+        yield FLAG
+    finally:
+        FLAG.depth -= 1
+        if FLAG.depth == 0:
+            for sig, handler in FLAG.previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
 
 
 def requeue_slurm_job() -> str | None:
@@ -46,7 +76,9 @@ def requeue_slurm_job() -> str | None:
         return None
     mark = os.environ.get("GPTCORE_REQUEUE_MARK")
     if mark:
-        Path(mark).write_text(job_id + "\n")
+        from gptcore.checkpoint import atomic_write_bytes  # (here: this module is imported before torch)
+
+        atomic_write_bytes(Path(mark), (job_id + "\n").encode())
         return f"the batch script requeues Slurm job {job_id} once every rank has exited"
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from gptcore import checkpoint
 from gptcore.config import ModelConfig
-from gptcore.errors import UserInputError
+from gptcore.errors import UserInputError, shown
 from gptcore.model import GPT
 
 FORMAT = "gptcore-quantized"
@@ -251,16 +251,16 @@ def check_header(state: dict, model: ModelConfig) -> tuple[str, int]:
         if key not in state:
             raise ValueError(f"the header has no {key!r}")
     if state["version"] != FORMAT_VERSION:
-        raise ValueError(f"format version {state['version']!r}, this gptcore reads version {FORMAT_VERSION}")
+        raise ValueError(f"format version {shown(state['version'])}, this gptcore reads version {FORMAT_VERSION}")
     mode, group_size = state["mode"], state["group_size"]
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})")
+        raise ValueError(f"unknown mode {shown(mode)} (expected one of {', '.join(MODES)})")
     if not isinstance(group_size, int) or (mode == "int4") != (group_size > 0):
-        raise ValueError(f"group_size {group_size!r} does not fit mode {mode}")
+        raise ValueError(f"group_size {shown(group_size)} does not fit mode {mode}")
     if mode == "int4" and (problem := int4_problem(model, group_size)):
         raise ValueError(problem)
-    if len(state["vocab"]) != model.vocab_size:
-        raise ValueError(f"{len(state['vocab'])} vocabulary entries for vocab_size {model.vocab_size}")
+    if not isinstance(state["vocab"], list) or len(state["vocab"]) != model.vocab_size:
+        raise ValueError(f"the vocabulary is {shown(state['vocab'])} of the wrong length for vocab_size {model.vocab_size}")
     return mode, group_size
 
 
@@ -286,7 +286,7 @@ def check_tensors(weights: dict, expected: dict, mode: str, group_size: int) -> 
 def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
     """The GPT a quantized checkpoint describes, ready for inference, and its mode."""
     if state["format"] != FORMAT:
-        raise ValueError(f"unknown checkpoint format {state['format']!r}")
+        raise ValueError(f"unknown checkpoint format {shown(state['format'])}")
     mode, group_size = check_header(state, config.model)
     weights = state["model"]
     check_tensors(weights, expected_layout(config.model, mode, group_size), mode, group_size)

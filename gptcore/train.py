@@ -13,25 +13,29 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
-from gptcore import checkpoint, distributed, hardware
+from gptcore import checkpoint, distributed, hardware, preemption
 from gptcore.config import Config, write_yaml
 from gptcore.data import Batches, Shard, describe, resolve_data
-from gptcore.errors import LostRanks, TrainingFailure, UserInputError
+from gptcore.errors import TrainingFailure, UserInputError
 from gptcore.metrics import MetricsLog
-from gptcore.model import GPT
-from gptcore.preemption import PreemptionFlag, requeue_slurm_job
+from gptcore.model import GPT, parameter_count
+from gptcore.preemption import requeue_slurm_job
 from gptcore.profiling import LoopProfiler, PhaseTimer, TorchProfilerWindow
+from gptcore.rundir import RunLock, claim, move_aside
+from gptcore.watchdog import Watchdog
 
 CHECKPOINT_NAME = "ckpt.pt"
+# What a run writes into its directory besides the checkpoint; a fresh run moves an earlier one's aside.
+EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang")
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -107,6 +111,39 @@ def set_numerics(deterministic: bool, device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def check_memory(config: Config, rows_per_rank: int, device: torch.device) -> None:
+    """Refuse, before allocating, a model and batch that cannot fit the device's memory: fp32
+    weights, gradients and AdamW's two moments (16 bytes a parameter), and one micro-batch's
+    activations (about 68 bytes per token, layer and channel in fp32, after Korthikanti et al.,
+    with flash attention, plus the logits)."""
+    m = config.model
+    params = parameter_count(m)
+    state = 16 * params
+    tokens = rows_per_rank * m.block_size
+    activations = tokens * (68 * m.n_layer * m.n_embd + 12 * m.vocab_size)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else psutil.virtual_memory().total)
+    if state + activations > total:
+        raise UserInputError(
+            f"this model and batch need about {(state + activations) / 1e9:,.1f} GB per rank ({state / 1e9:,.1f} GB "
+            f"for {params:,} parameters with their gradients and AdamW state, {activations / 1e9:,.1f} GB for one "
+            f"micro-batch of {rows_per_rank} x {m.block_size} tokens), more than the {total / 1e9:,.1f} GB of "
+            f"{hardware.device_name(device)}; lower train.batch_size (raise train.grad_accum to keep the batch), "
+            "model.block_size or the model's size")
+
+
+@torch.no_grad()
+def still_finite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> bool:
+    """Whether weights about to be saved are finite and still give a finite loss on a fixed batch:
+    a huge step can leave every weight finite but the model useless (inf activations)."""
+    model.eval()  # no dropout: no draw from the generators that training uses
+    with autocast:
+        _, loss = model(x, y)
+    model.train()
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    return bool(finite & torch.isfinite(loss))
+
+
 @dataclass
 class TrainResult:
     final_step: int
@@ -145,6 +182,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
         self.is_main = self.contract.is_main
+        self.lock = RunLock(self.out_dir)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -158,27 +196,30 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = distributed.choose_device(contract, t.device)
-        self.checkpointer = checkpoint.Checkpointer(self.ckpt_path, self.device, contract.rank, t.ckpt_background)
-        resume_state = self.checkpointer.existing(config.resume)
         set_numerics(t.deterministic, self.device)
+        distributed.preflight(contract, cuda_devices=torch.cuda.device_count() if self.device.type == "cuda" else 0)
         distributed.init_process_group(contract, self.device, t.timeout_s, str(self.out_dir), t.single_rank_group)
         if contract.world_size > 1:  # every rank, so a multi-node log shows where each one ran
             print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}", flush=True)
+        # One training per directory: every rank learns whether rank 0 got it before anything is read.
+        refused = claim(self.lock, self.log) if self.is_main else None
+        if distributed.any_rank(refused is not None, self.device):
+            raise refused or UserInputError(f"rank 0 could not take {self.out_dir}; see its log")
+        self.checkpointer = checkpoint.Checkpointer(self.ckpt_path, self.device, contract.rank, t.ckpt_background)
+        resume_state = self.checkpointer.existing(config)
+        if not resume_state and self.is_main and (moved := move_aside(self.out_dir, EARLIER_RUN_FILES)):
+            self.log(f"moved the files of an earlier run without a checkpoint to {moved}")
         # Here, not in the loop: the measured link feeds the scaling report's all-reduce model.
         self.probe = distributed.probe_allreduce(self.device) if contract.world_size > 1 else None
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            data_dir = resolve_data(config.data.path, config.data.clean, self.out_dir / "data")
-        distributed.barrier()
-        if not self.is_main:
-            data_dir = resolve_data(config.data.path, config.data.clean, self.out_dir / "data")
         self.per_rank_batch, self.global_batch = batch_split(config, contract.world_size)
-        self.batches = Batches(data_dir, config.model.block_size, t.seed,
-                               Shard(contract.rank, contract.world_size), self.device)
+        vocab = resume_state["vocab"] if resume_state else None  # a resumed run reads only text of its vocabulary
+        data_dir = distributed.rank0_first(
+            lambda: resolve_data(config.data.path, config.data.clean, self.out_dir / "data", vocab))
+        self.batches = Batches(data_dir, config.model.block_size, t.seed, Shard(contract.rank, contract.world_size),
+                               self.device)
         self.meta = self.batches.meta
-        if resume_state and resume_state["vocab"] != self.meta["vocab"]:
-            raise UserInputError(f"{self.ckpt_path} was trained on another vocabulary than {config.data.path}")
         config.model.vocab_size = self.meta["vocab_size"]
+        check_memory(config, self.per_rank_batch, self.device)
 
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.model = GPT(config.model).to(self.device)
@@ -233,11 +274,12 @@ class Trainer:
         return losses
 
     def _log_window(self, step: int, step_loss: torch.Tensor, lr: float, timer: PhaseTimer,
-                    clock: StepClock, metrics: MetricsLog) -> float:
+                    clock: StepClock, metrics: MetricsLog, watchdog: Watchdog) -> float:
         """The log line and metrics record of the steps since the last one; the loss, averaged over ranks."""
         t, contract = self.config.train, self.contract
         loss = distributed.all_reduce_mean(step_loss.float()).item()
         elapsed, steps, eta = clock.lap(step, t.max_iters)
+        watchdog.window_done(elapsed)
         tokens_per_s = self.global_batch * t.grad_accum * self.config.model.block_size * steps / elapsed
         mfu = hardware.mfu(tokens_per_s, self.model.flops_per_token(), contract.world_size, self.peak_tflops)
         self.log(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * elapsed / steps:.1f} ms/step | "
@@ -277,40 +319,43 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self.setup()
-        try:
-            return self._loop()
-        except RuntimeError as err:
-            if self.contract.world_size == 1 or not distributed.lost_peer(err):
-                raise
-            # gloo's message: "[source file:line] Read error [addr]:port: Connection reset by peer. Advice..."
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
-            kept = f"{self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint was written yet"
-            raise LostRanks(
-                f"rank {self.contract.rank} lost the other ranks ({detail}): one of them or its node has "
-                f"died, see their logs; {kept}, and a rerun with resume=auto continues from it") from None
-        finally:
-            distributed.shutdown()
+        with preemption.catching():
+            try:
+                self.setup()
+                return self._loop()
+            except RuntimeError as err:
+                if self.contract.world_size == 1 or not distributed.lost_peer(err):
+                    raise
+                kept = self.checkpointer.kept() if hasattr(self, "checkpointer") else "no checkpoint was written"
+                raise distributed.lost_ranks(err, self.contract.rank, kept) from None
+            finally:
+                distributed.shutdown()
+                self.lock.release()
 
     def _loop(self) -> TrainResult:
         config, t = self.config, self.config.train
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.is_main)
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.is_main,
+                             resume_step=self.start_step if self.checkpointer.saved_step is not None else None)
         self._log_start(metrics)
         timer = PhaseTimer(self.device, enabled=config.profile.phases)
         profiler = LoopProfiler(self.out_dir, self.contract.rank, config.profile.cprofile)
         trace = TorchProfilerWindow(self.out_dir, self.contract.rank, config.profile.torch_start,
                                     config.profile.torch_steps, config.profile.torch)
         sampler = start_sampler(config, self.out_dir, self.contract)
-        step, loss_value, val_loss, preempted = self.start_step, float("nan"), None, False
+        watchdog = Watchdog(self.out_dir, self.contract.rank, t.timeout_s, t.step_timeout_s, self.checkpointer.kept)
+        if self.contract.world_size > 1:
+            watchdog.start()
+        step, loss_value, val_loss, stopped_by = self.start_step, float("nan"), None, None
         end = min(t.stop_at, t.max_iters) if t.stop_at else t.max_iters
         diverged = torch.zeros((), dtype=torch.bool, device=self.device)
         clock = StepClock(step)
 
         def checkpoint_now(at_step: int) -> None:
-            if distributed.any_rank(bool(diverged.item()), self.device):
-                raise self._diverged(at_step)
-            with profiler.paused(), timer.phase("checkpoint"):
+            with profiler.paused(), watchdog.longer(), timer.phase("checkpoint"):
+                probe = next(self.batches.eval_batches("train", 1, self.global_batch))
+                if distributed.any_rank(bool(diverged.item()) or not still_finite(self.model, *probe, self.autocast),
+                                        self.device):
+                    raise self._diverged(at_step)
                 self.checkpointer.save(at_step, self.model, self.optimizer, self.batches, config=config.to_dict(),
                                        vocab=self.meta["vocab"], world_size=self.contract.world_size,
                                        best_val_loss=self.best_val)
@@ -318,7 +363,7 @@ class Trainer:
         # One step late, so that no rank waits on the others at every step boundary.
         preemption_vote = distributed.LaggedVote()
         try:
-            with PreemptionFlag() as preemption, profiler.active():
+            with profiler.active():
                 while step < end:
                     with profiler.paused():  # the trace's own start and export stay out of cProfile
                         trace.before_step(step)
@@ -328,7 +373,8 @@ class Trainer:
                     step_loss = self._micro_steps(timer)
                     with timer.phase("optimizer"):
                         if t.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                            diverged |= ~torch.isfinite(norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     diverged |= ~torch.isfinite(step_loss)
@@ -337,39 +383,41 @@ class Trainer:
                         trace.after_step(step)
                     step += 1
                     clock.window_steps += 1
+                    watchdog.beat(step)
                     if step % t.log_interval == 0 or step == end:
-                        loss_value = self._log_window(step, step_loss, lr, timer, clock, metrics)
+                        loss_value = self._log_window(step, step_loss, lr, timer, clock, metrics, watchdog)
                         if not math.isfinite(loss_value):
                             raise self._diverged(step)
                     if step % t.eval_interval == 0 or step == t.max_iters:
-                        with profiler.paused(), timer.phase("eval"):
+                        with profiler.paused(), watchdog.longer(), timer.phase("eval"):
                             val_loss = self._evaluate_and_log(step, metrics)
                     if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == end:
                         checkpoint_now(step)
-                    if step < t.max_iters and preemption_vote(preemption.raised):
+                    if step < t.max_iters and preemption_vote(preemption.FLAG.raised):
                         checkpoint_now(step)
-                        preempted = True
-                        self.log(f"preemption signal: checkpoint saved at step {step}/{t.max_iters}")
+                        stopped_by = preemption.FLAG.name or "a signal on another rank"
                         break
             preemption_vote.close()
-            self.checkpointer.wait()
+            with watchdog.longer():
+                self.checkpointer.wait()
         finally:
+            watchdog.stop()
             trace.close()
             profiler.dump()
             if sampler:
                 sampler.stop()
             metrics.close()
         distributed.barrier()
-        if preempted and t.requeue and self.is_main and (requeued := requeue_slurm_job()):
-            self.log(f"{requeued}; it resumes from {self.ckpt_path}")
-        return TrainResult(step, loss_value, val_loss, preempted, self.out_dir)
+        if stopped_by:
+            self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {self.ckpt_path} saved; "
+                     "a rerun with resume=auto continues from it")
+            if preemption.FLAG.requeues and t.requeue and self.is_main and (requeued := requeue_slurm_job()):
+                self.log(f"{requeued}; it resumes from {self.ckpt_path}")
+        return TrainResult(step, loss_value, val_loss, stopped_by is not None, self.out_dir)
 
     def _diverged(self, step: int) -> TrainingFailure:
-        last_good = self.checkpointer.saved_step
-        kept = (f"the last good checkpoint ({self.ckpt_path}, step {last_good}) is kept"
-                if last_good is not None else "no checkpoint was written")
-        return TrainingFailure(
-            f"loss became NaN/inf by step {step}; {kept}; lower train.lr or raise train.warmup_iters")
+        return TrainingFailure(f"loss or weights became NaN/inf by step {step}; {self.checkpointer.kept()} (the last "
+                               "good one); lower train.lr or raise train.warmup_iters")
 
 
 def start_sampler(config: Config, out_dir: Path, contract: distributed.RankContract):

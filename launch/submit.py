@@ -56,6 +56,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.runs = runs
 
     def __call__(self) -> str:
+        from gptcore import preemption
         from gptcore.train import Trainer
 
         job_env = submitit.JobEnvironment()
@@ -68,9 +69,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         config = load_config(self.config, [f"out_dir={out_dir}", "resume=auto", "train.requeue=false",
                                            *self.overrides])
         result = Trainer(config).run()
-        if result.preempted:
+        if result.preempted and preemption.FLAG.requeues:
             # The trainer has saved a checkpoint at a step boundary and given submitit its handler
             # back; raising the signal again lets it call checkpoint() and requeue (rank 0 exits there).
+            # A SIGTERM (scancel) stops the run without a requeue.
             signal.raise_signal(job_env._usr_sig())
         return str(result.out_dir)
 

@@ -65,8 +65,11 @@ run_step() {
 train_with() {
     local launcher="$1"
     shift
-    # shellcheck disable=SC2206  # EXTRA is a space-separated list of key=value
-    local args=(-m gptcore train --config "${CONFIG:-seed}" "out_dir=$RUN_DIR" resume=auto ${EXTRA:-} "$@")
+    # EXTRA is a list of key=value words split on spaces, never glob-expanded: EXTRA='train.lr=*'
+    # reaches the trainer as written, whatever files the job's directory holds.
+    local extra=()
+    read -r -a extra <<< "${EXTRA:-}"
+    local args=(-m gptcore train --config "${CONFIG:-seed}" "out_dir=$RUN_DIR" resume=auto "${extra[@]}" "$@")
     local status=0
     # On a preemption signal the trainer checkpoints and leaves this mark rather than requeueing
     # from inside the step: a requeue cancels the step, and torchrun, cancelled while its workers
@@ -82,10 +85,14 @@ train_with() {
         torchrun)
             local nproc="${NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}"
             # One task per node with all of the node's CPUs (--whole, and no per-task CPU count).
-            # torchrun itself must outlive the USR1 meant for its workers: an ignored signal
-            # stays ignored across exec, and the trainer installs its own handler.
-            run_step env -u SLURM_CPUS_PER_TASK srun --kill-on-bad-exit=1 --whole --ntasks-per-node=1 \
-                --ntasks="$SLURM_JOB_NUM_NODES" bash -c 'trap "" USR1; exec "$@"' torchrun \
+            # torchrun itself must outlive the USR1 and TERM meant for its workers: Slurm signals
+            # every process of the step, and on TERM torchrun would kill its workers mid-checkpoint
+            # and print a traceback. An ignored signal stays ignored across exec (the trainer
+            # installs its own handlers), and PET_SIGNALS_TO_HANDLE (--signals-to-handle, torch >= 2.9)
+            # keeps torchrun from handling TERM itself.
+            run_step env -u SLURM_CPUS_PER_TASK PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT \
+                srun --kill-on-bad-exit=1 --whole --ntasks-per-node=1 \
+                --ntasks="$SLURM_JOB_NUM_NODES" bash -c 'trap "" USR1 TERM; exec "$@"' torchrun \
                 "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$nproc" \
                 --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
                 "${args[@]}" || status=$?

@@ -61,6 +61,17 @@ def run_gptcore(*args, timeout: int = 300, env: dict | None = None, cwd: Path = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def gptcore_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`gptcore ARGS` through the CLI's entry point in this process: what a user would see, for
+    checks of argument and file handling where a new process would only add start-up time."""
+    from gptcore.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["gptcore", *map(str, args)], code, captured.out, captured.err)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
     """The contract for bad input: exit code, one line on stderr naming the problem, no traceback."""
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)

@@ -3,6 +3,7 @@ computes on the whole batch, a resumed N-rank run is bit-identical, and every la
 environment gives the right rank contract."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from conftest import REPO, assert_one_line_error, run_metrics
 from gptcore.checkpoint import gather_rng_states, restore_rng_state
 from gptcore.config import load_config
-from gptcore.distributed import RankContract, read_contract
+from gptcore.distributed import RankContract, preflight, read_contract
 from gptcore.errors import UserInputError
 from gptcore.train import batch_split
 
@@ -146,8 +147,11 @@ def test_strong_scaling_splits_the_batch_and_weak_scaling_multiplies_it():
 
 
 def test_rank_contract_from_torchrun_submitit_and_srun():
-    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29511"}
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29511",
+                "TORCHELASTIC_RUN_ID": "none"}
     assert read_contract(torchrun) == RankContract(3, 4, 1, "node1", 29511, "torchrun")
+    by_hand = {name: value for name, value in torchrun.items() if name != "TORCHELASTIC_RUN_ID"}
+    assert read_contract(by_hand).launcher == "env"
     # What submitit's TorchDistributedEnvironment().export() leaves in a task's environment.
     assert read_contract({**torchrun, "SUBMITIT_EXECUTOR": "slurm"}).launcher == "submitit"
     srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
@@ -158,3 +162,35 @@ def test_rank_contract_from_torchrun_submitit_and_srun():
     assert read_contract(batch_shell) == RankContract()
     with pytest.raises(UserInputError, match="SLURM_PROCID"):
         read_contract({**srun, "SLURM_PROCID": "x"})
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not an integer"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ({"RANK": "2"}, "RANK=2 is not a rank of WORLD_SIZE=2"),
+    ({"RANK": "-1"}, "RANK=-1 is not a rank"),
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "at least one rank"),
+])
+def test_a_rank_contract_that_could_only_hang_is_refused(change, fragment):
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **change}
+    with pytest.raises(UserInputError, match=re.escape(fragment)):
+        read_contract(env)
+
+
+def test_preflight_finds_what_would_hang_before_the_ranks_meet():
+    srun = RankContract(0, 4, 0, "node1", 29500, "srun")
+    env = {"SLURM_STEP_TASKS_PER_NODE": "4(x1)", "SLURM_JOB_NUM_NODES": "1"}
+    with pytest.raises(UserInputError, match="4 ranks on .* but 2 GPU"):
+        preflight(srun, env, cuda_devices=2)
+    preflight(srun, {**env, "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, cuda_devices=2)
+    two_nodes = {"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NUM_NODES": "2"}
+    with pytest.raises(UserInputError, match="resolves to the loopback address 127.0.0.1 .* cannot reach"):
+        preflight(RankContract(1, 2, 0, "localhost", 29500, "srun"), two_nodes)
+    with socket.socket() as taken:  # rank 0 of an srun job will listen on the master port
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserInputError, match=f"MASTER_PORT {port} is already in use"):
+            preflight(RankContract(0, 2, 0, "127.0.0.1", port, "srun"), {})
+        preflight(RankContract(1, 2, 0, "127.0.0.1", port, "srun"), {})  # only rank 0 listens
+        preflight(RankContract(0, 2, 0, "127.0.0.1", port, "torchrun"), {})  # torchrun's agent owns it

@@ -4,23 +4,13 @@
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_gptcore
-from gptcore.cli import main
-
-
-def cli(capsys, *args):
-    """The CLI entry point in-process (fast); returns (exit code, stderr lines)."""
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
+from conftest import assert_one_line_error, gptcore_here, run_gptcore
 
 
 def assert_error(capsys, code, *fragments, args):
-    got, lines = cli(capsys, *args)
-    assert got == code and len(lines) == 1, (got, lines)
-    assert lines[0].startswith("gptcore: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    result = gptcore_here(capsys, *args)
+    assert_one_line_error(result, code, *fragments)
+    assert result.stderr.startswith("gptcore: error: ")
 
 
 def train_args(tmp_path, data, *extra):

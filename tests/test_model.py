@@ -4,7 +4,7 @@ recomputation."""
 import torch
 
 from gptcore.config import ModelConfig
-from gptcore.model import GPT, KVCache
+from gptcore.model import GPT, KVCache, parameter_count
 
 
 def tiny_model(block_size=16, seed=0) -> GPT:
@@ -87,3 +87,9 @@ def test_the_compiled_decode_step_picks_the_same_tokens_as_eager():
         outs = [model.generate(prompt, 40, temperature=temperature, top_k=6, compile=compiled,
                                generator=torch.Generator().manual_seed(11)) for compiled in (False, True, True)]
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), temperature
+
+
+def test_parameters_are_counted_from_the_shape_alone():
+    for bias in (False, True):
+        config = ModelConfig(n_layer=3, n_head=2, n_embd=24, block_size=20, bias=bias, vocab_size=17)
+        assert parameter_count(config) == sum(p.numel() for p in GPT(config).parameters())

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_gptcore
+from conftest import assert_one_line_error, gptcore_here, run_gptcore
 from gptcore.checkpoint import save
 from gptcore.config import load_config
 from gptcore.model import GPT
@@ -100,7 +100,7 @@ def tampered(source, target, change):
     return target
 
 
-def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path):
+def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path, capsys):
     source = quantized["int8"][0]
     scales = "transformer.h.0.attn.c_attn.weight.scales"
     cases = {
@@ -114,7 +114,8 @@ def test_damaged_quantized_checkpoints_give_one_clear_error(quantized, tmp_path)
     }
     for name, (change, fragment) in cases.items():
         broken = tampered(source, tmp_path / f"{name}.pt", change)
-        assert_one_line_error(run_gptcore("sample", "--ckpt", broken, "--tokens", "5"), 2, str(broken), fragment)
+        assert_one_line_error(gptcore_here(capsys, "sample", "--ckpt", broken, "--tokens", "5"), 2, str(broken),
+                              fragment)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     assert_one_line_error(run_gptcore("eval", "--ckpt", truncated), 2, str(truncated), "cannot be read")

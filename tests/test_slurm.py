@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, job_info, run_metrics, sacct, slurm_command, wait_until, wait_until_ended
 from gptcore.checkpoint import load
@@ -108,7 +109,25 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     assert quantize_start >= train_end  # ISO timestamps: the dependency held it back
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus) -> dict:
+    """The final weights of the LONG run on 2 gloo ranks, uninterrupted (torchrun, not Slurm: the
+    same ranks compute the same bits whichever launcher started them)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "gptcore",
+               "train", "--config", "tiny", "train.device=cpu", "train.sample_tokens=0", f"data.path={corpus}",
+               *LONG, f"out_dir={run_dir}"]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return load(run_dir / "ckpt.pt")["model"]
+
+
+def same_model(run_dir, weights: dict) -> bool:
+    saved = load(run_dir / "ckpt.pt")
+    return saved["step"] == 2000 and all(torch.equal(saved["model"][name], weights[name]) for name in weights)
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus, straight):
     job = jobs.sbatch("--job-name=test-preempt", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
                       "train.sample_tokens=0", env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     run_dir = REPO / "runs" / f"test-preempt-{job}"
@@ -119,12 +138,12 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
     run("scancel", "--signal=USR1", job)
     assert wait_until_ended(ENV, job, 150) == "COMPLETED", log_text("test-preempt", job)
     log = log_text("test-preempt", job)
-    assert "preemption signal: checkpoint saved at step" in log and f"requeued Slurm job {job}" in log
+    assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert logged == list(range(50, 2001, 50))  # every step once: none lost, none repeated
-    assert load(run_dir / "ckpt.pt")["step"] == 2000
+    assert same_model(run_dir, straight)
 
 
 def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
@@ -175,3 +194,51 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
     assert "world_size=2 launcher=submitit" in log and "resumed from" in log
     assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == list(range(50, 2001, 50))
     assert job_info(ENV, job)["Restarts"] == "1"
+
+
+def test_scancel_stops_at_a_step_with_a_checkpoint_and_a_resubmission_ends_like_a_straight_run(jobs, corpus,
+                                                                                               straight):
+    """scancel sends SIGTERM (then SIGKILL after KillWait): the ranks agree on a step, rank 0
+    checkpoints, and the log's last word is ours; the same RUN_DIR then continues to the end."""
+    env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0"}
+    job = jobs.sbatch("--job-name=test-scancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG, env=env)
+    run_dir = REPO / "runs" / f"test-scancel-{job}"
+    wait_until(lambda: "step 150/2000" in log_text("test-scancel", job), 60, "step 150")
+    run("scancel", job)
+    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    ours = [line for line in log_text("test-scancel", job).splitlines() if line.strip() and "slurmstepd" not in line]
+    saved = load(run_dir / "ckpt.pt")["step"]
+    assert ours[-1] == (f"stopped by SIGTERM at step {saved}/2000: checkpoint runs/test-scancel-{job}/ckpt.pt "
+                        "saved; a rerun with resume=auto continues from it"), ours[-3:]
+    logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
+    assert saved >= logged[-1] >= 150  # nothing trained after the last log line is lost
+    assert "Traceback" not in log_text("test-scancel", job)
+
+    again = jobs.sbatch("--job-name=test-scancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
+                        env={**env, "RUN_DIR": f"runs/test-scancel-{job}"})
+    assert wait_until_ended(ENV, again, 120) == "COMPLETED", log_text("test-scancel", again)
+    assert f"resumed from runs/test-scancel-{job}/ckpt.pt at step {saved}" in log_text("test-scancel", again)
+    assert same_model(run_dir, straight)
+
+
+def test_scancel_of_a_torchrun_job_ends_without_a_traceback(jobs, corpus):
+    job = jobs.sbatch("--job-name=test-tr-cancel", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
+                      "slurm/train_multinode.sbatch", f"data.path={corpus}", *LONG,
+                      env={"CONFIG": "tiny", "LAUNCHER": "torchrun", "EXTRA": "train.device=cpu train.sample_tokens=0"})
+    wait_until(lambda: "step 100/2000" in log_text("test-tr-cancel", job), 60, "step 100")
+    run("scancel", job)
+    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    log = log_text("test-tr-cancel", job)
+    assert "stopped by SIGTERM at step" in log and "Traceback" not in log and "SignalException" not in log, log
+
+
+def test_extra_overrides_are_never_glob_expanded(jobs):
+    decoy = REPO / "train.lr=9"  # what `train.lr=*` would have matched
+    decoy.write_text("")
+    try:
+        job = jobs.sbatch("--job-name=test-glob", "slurm/train_1gpu.sbatch",
+                          env={"CONFIG": "tiny", "EXTRA": "train.device=cpu train.lr=*"})
+        assert wait_until_ended(ENV, job, 60) == "FAILED"
+    finally:
+        decoy.unlink()
+    assert "config key train.lr needs a number, got '*'" in log_text("test-glob", job)

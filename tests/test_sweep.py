@@ -111,11 +111,18 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
     assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "again" / "report.md"), again.stderr
     assert report_rows(tmp_path / "again" / "report.md") == rows
 
-    # A run killed while writing its metrics: named by file and line, no report.
+    # A run killed (or a disk that filled) while writing its metrics: the cut-off last line is
+    # left out, once said; a damaged line inside the file is named by file and line, no report.
     torn = tmp_path / "torn"
     shutil.copytree(out / "n1", torn)
     with open(torn / "metrics.jsonl", "a") as metrics:
         metrics.write('{"step": 3')
+    cut = subprocess.run([sys.executable, "-m", "analysis.report", torn, "--out", tmp_path / "cut"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 0 and (tmp_path / "cut" / "report.md").is_file(), cut.stderr
+    assert cut.stderr.count("is cut off") == 1
+    with open(torn / "metrics.jsonl", "a") as metrics:
+        metrics.write('\n{"step": 4}\n')
     assert_one_line_error(subprocess.run([sys.executable, "-m", "analysis.report", torn, "--out", tmp_path / "none"],
                                          cwd=REPO, capture_output=True, text=True, timeout=120),
                           2, f"{torn / 'metrics.jsonl'}:", "is not valid JSON")
