@@ -1,13 +1,17 @@
-"""The squeue view of gptcore runs: one table of this checkout's Slurm jobs with their progress.
+"""The squeue view of gptcore runs: one table of the user's gptcore jobs with their progress.
 
     python launch/monitor.py                  # refresh every 5 s until every job has ended
     python launch/monitor.py --once           # print the table once
     python launch/monitor.py --jobs 812,813 --since now-3days --interval 10
 
-Jobs come from squeue (pending and running) and sacct (finished, when accounting is on); a job is
-this checkout's when it was submitted from it or has a run directory in runs/. Progress comes from
-the run's files: runs/<job name>-<job id>/metrics.jsonl (step, loss, tokens/s, ms/step; written by
-the sbatch templates and launch/submit.py) and config.yaml (the total steps).
+Jobs come from squeue (pending and running) and sacct (finished, when accounting is on), with
+Slurm's own state and reason (`PENDING (Resources)`). A job is gptcore's when its name says so
+(gptcore-*, sweep-*), it runs one of slurm/'s templates, it names its run directory in its
+comment (`gptcore run_dir=PATH`, set by the templates and the sweep), it has a run directory in
+runs/, or it was submitted from this checkout. Progress comes from that run directory's
+metrics.jsonl (step, loss, tokens/s, ms/step) and config.yaml (the total steps). A job that
+Slurm could not even start (JobLaunchFailure: most often submitted from outside the
+repository, so that its logs/ directory did not exist) gets a line saying so and how to fix it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+try:
+    from launch.bootstrap import REPO, ensure_environment  # imported as launch.monitor
+except ImportError:  # run as a script: python launch/monitor.py
+    from bootstrap import REPO, ensure_environment
+ensure_environment()
 
-REPO = Path(__file__).resolve().parents[1]
+import yaml  # noqa: E402  (once the environment is sure to have it)
+
 RUNS = REPO / "runs"
 # squeue and sacct print the same fields in this order (see job_queries).
-FIELDS = ("job_id", "name", "state", "elapsed", "workdir")
+FIELDS = ("job_id", "name", "state", "elapsed", "workdir", "reason", "comment", "command")
+RUN_DIR_COMMENT = "gptcore run_dir="
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 COLUMNS = ("JOBID", "NAME", "STATE", "ELAPSED", "STEP", "LOSS", "TOK/S", "ETA")
@@ -40,10 +50,35 @@ class Job:
     state: str
     elapsed_s: int
     workdir: str
+    reason: str = ""  # why it pends, or how it failed to start
+    comment: str = ""
+    command: str = ""  # the batch script (squeue) or the sbatch command line (sacct)
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def shown_state(self) -> str:
+        """Slurm's state with its reason where it explains one: PENDING (Resources)."""
+        if self.reason and self.reason not in ("None", "(null)") and self.state in ("PENDING", "FAILED"):
+            return f"{self.state} ({self.reason})"
+        return self.state
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Where the job said its run is (its comment), if it did."""
+        for part in self.comment.split(";"):
+            if part.strip().startswith(RUN_DIR_COMMENT):
+                return Path(part.strip()[len(RUN_DIR_COMMENT):])
+        return None
+
+    def template(self) -> str | None:
+        """The slurm/ template the job runs, if it is one of gptcore's."""
+        for word in self.command.split():
+            if word.endswith(".sbatch") and Path(word).parent.name == "slurm":
+                return Path(word).name
+        return None
 
 
 @dataclass
@@ -67,16 +102,17 @@ def elapsed_seconds(text: str) -> int:
 
 
 def parse_jobs(text: str) -> list[Job]:
-    """Lines of `id|name|state|elapsed|workdir` (squeue --format / sacct --parsable2) as Jobs.
-    sacct writes `CANCELLED by 0`; the state is its first word."""
+    """Lines of `id|name|state|elapsed|workdir|reason|comment|command` (squeue --format / sacct
+    --parsable2) as Jobs. sacct writes `CANCELLED by 0`; the state is its first word. The command
+    comes last, so a `|` inside it stays in it."""
     jobs = []
     for line in text.splitlines():
-        parts = line.split("|")
+        parts = line.split("|", len(FIELDS) - 1)
         if len(parts) != len(FIELDS):
             continue
-        job_id, name, state, elapsed, workdir = (part.strip() for part in parts)
+        job_id, name, state, elapsed, workdir, reason, comment, command = (part.strip() for part in parts)
         jobs.append(Job(job_id, name, state.split()[0] if state else "UNKNOWN",
-                        elapsed_seconds(elapsed) if elapsed else 0, workdir))
+                        elapsed_seconds(elapsed) if elapsed else 0, workdir, reason, comment, command))
     return jobs
 
 
@@ -95,7 +131,10 @@ def job_sort_key(job_id: str) -> tuple:
 # -- reading a run's files (pure apart from reading them) ----------------------------------------
 
 def find_run_dir(runs: Path, job: Job) -> Path | None:
-    """runs/<name>-<id>, or any runs/*-<id> (a name that Slurm shortened)."""
+    """Where the job said its run is, else runs/<name>-<id>, or any runs/*-<id> (a name that
+    Slurm shortened)."""
+    if job.run_dir is not None:
+        return job.run_dir
     exact = runs / f"{job.name}-{job.job_id}"
     if exact.is_dir():
         return exact
@@ -154,7 +193,7 @@ def build_row(job: Job, progress: Progress) -> tuple[str, ...]:
     eta = "-"
     if job.state == "RUNNING" and None not in (progress.step, progress.total, progress.ms_per_step):
         eta = format_duration((progress.total - progress.step) * progress.ms_per_step / 1000)
-    return (job.job_id, job.name, job.state, format_duration(job.elapsed_s), step,
+    return (job.job_id, job.name, job.shown_state, format_duration(job.elapsed_s), step,
             f"{progress.loss:.4f}" if progress.loss is not None else "-",
             f"{progress.tokens_per_s:,.0f}" if progress.tokens_per_s is not None else "-", eta)
 
@@ -165,16 +204,30 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
                      for row in [COLUMNS, *rows])
 
 
-def belongs_here(job: Job, repo: Path, run_dir: Path | None) -> bool:
-    return run_dir is not None or Path(job.workdir) == repo
+def is_gptcore_job(job: Job, repo: Path, run_dir: Path | None) -> bool:
+    return (job.name.startswith(("gptcore", "sweep-")) or job.template() is not None or job.run_dir is not None
+            or run_dir is not None or Path(job.workdir) == repo)
+
+
+def launch_failure(job: Job, repo: Path) -> str | None:
+    """Why a job of one of gptcore's templates never started, and the fix, in one line."""
+    template = job.template()
+    if job.state != "FAILED" or template is None or job.elapsed_s > 0:
+        return None
+    logs = Path(job.workdir) / "logs"
+    if job.reason != "JobLaunchFailure" and logs.is_dir():
+        return None
+    return (f"job {job.job_id} ({job.name}) never started: Slurm could not open its log in {logs}/ (submitted from "
+            f"{job.workdir}, not the repository); submit from the root: cd {repo} && sbatch slurm/{template}")
 
 
 # -- Slurm (side effects) ------------------------------------------------------------------------
 
 def job_queries(since: str, user: str) -> tuple[list[str], list[str]]:
-    squeue = ["squeue", f"--user={user}", "--noheader", "--format=%i|%j|%T|%M|%Z"]
+    # --states=all: a job that just ended is in squeue a few minutes before sacct has its record
+    squeue = ["squeue", f"--user={user}", "--states=all", "--noheader", "--format=%i|%j|%T|%M|%Z|%r|%k|%o"]
     sacct = ["sacct", f"--user={user}", "--allocations", "--noheader", "--parsable2",
-             "--format=JobID,JobName,State,Elapsed,WorkDir", f"--starttime={since}"]
+             "--format=JobID,JobName,State,Elapsed,WorkDir,Reason,Comment,SubmitLine", f"--starttime={since}"]
     return squeue, sacct
 
 
@@ -195,16 +248,29 @@ def run_query(command: list[str], required: bool) -> str:
     return ""
 
 
-def collect(runs: Path, since: str, job_ids: set[str] | None) -> list[tuple[Job, Progress]]:
+def scontrol_reason(job_id: str) -> str:
+    """Slurm's reason for a job it still holds in memory (sacct loses a launch failure's)."""
+    out = run_query(["scontrol", "show", "job", "-o", job_id], required=False)
+    return next((field.split("=", 1)[1] for field in out.split() if field.startswith("Reason=")), "")
+
+
+def query_jobs(since: str = "now-1days") -> dict[str, Job]:
+    """The user's jobs as Slurm knows them (squeue, then sacct), by job id."""
     squeue, sacct = job_queries(since, getpass.getuser())
-    jobs = merge_jobs(parse_jobs(run_query(sacct, required=False)),
-                      parse_jobs(run_query(squeue, required=True)))
+    jobs = merge_jobs(parse_jobs(run_query(sacct, required=False)), parse_jobs(run_query(squeue, required=True)))
+    return {job.job_id: job for job in jobs}
+
+
+def collect(runs: Path, since: str, job_ids: set[str] | None) -> list[tuple[Job, Progress]]:
+    jobs = list(query_jobs(since).values())
     found = []
     for job in jobs:
         if job_ids is not None and job.job_id not in job_ids:
             continue
         run_dir = find_run_dir(runs, job)
-        if job_ids is not None or belongs_here(job, REPO, run_dir):
+        if job_ids is not None or is_gptcore_job(job, REPO, run_dir):
+            if job.state == "FAILED" and job.reason in ("", "None"):
+                job.reason = scontrol_reason(job.job_id) or job.reason
             found.append((job, read_progress(run_dir)))
     return found
 
@@ -213,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Live table of gptcore's Slurm jobs and their training progress.")
     parser.add_argument("--once", action="store_true", help="print the table once and exit")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
-    parser.add_argument("--jobs", default=None, help="comma-separated job ids (default: this checkout's jobs)")
+    parser.add_argument("--jobs", default=None, help="comma-separated job ids (default: all of the user's gptcore jobs)")
     parser.add_argument("--since", default="now-1days", help="oldest finished jobs shown (sacct --starttime)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories are")
     args = parser.parse_args(argv)
@@ -225,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if live:
             print("\033[H\033[2J", end="")  # redraw in place
         print(f"{time.strftime('%H:%M:%S')}  {sum(job.active for job, _ in found)} active\n{table}", flush=True)
+        for note in filter(None, (launch_failure(job, REPO) for job, _ in found)):
+            print(note, flush=True)
         if args.once or not any(job.active for job, _ in found):
             return 0
         time.sleep(args.interval)

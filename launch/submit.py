@@ -27,9 +27,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: `python launch/submit.py`
-    sys.path.insert(0, str(REPO))
+try:
+    from launch.bootstrap import REPO, ensure_environment  # imported as launch.submit
+except ImportError:  # run as a script: python launch/submit.py
+    from bootstrap import REPO, ensure_environment
+ensure_environment()
 
 import cloudpickle  # noqa: E402  (after the sys.path fix)
 import submitit  # noqa: E402
@@ -110,13 +112,18 @@ def visible_gpus(env=os.environ) -> tuple[int, ...]:
 
 
 def executor_parameters(cluster: str, gpus: int, nodes: int, job_name: str, timeout_min: int,
-                        partition: str | None, env=os.environ) -> dict:
+                        partition: str | None, env=os.environ, cpus_per_task: int | None = None,
+                        comment: str | None = None) -> dict:
     """submitit parameters for one task per GPU. The GPU count goes to both executors: Slurm
     allocates them, and the local executor sets each task's CUDA_VISIBLE_DEVICES to that many of
     this shell's GPUs (without it, it sets it empty and the ranks train on the CPU)."""
     parameters = dict(name=job_name, timeout_min=timeout_min, nodes=nodes, tasks_per_node=gpus, gpus_per_node=gpus)
     if cluster == "slurm":
         parameters["slurm_partition"] = partition
+        if cpus_per_task:
+            parameters["cpus_per_task"] = cpus_per_task
+        if comment:
+            parameters["slurm_comment"] = comment
     elif visible := visible_gpus(env):
         if gpus > len(visible):
             raise UserInputError(f"--gpus {gpus} but this shell may use only {len(visible)} GPU(s) "
@@ -127,7 +134,8 @@ def executor_parameters(cluster: str, gpus: int, nodes: int, job_name: str, time
 
 def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executor: str = "auto",
            folder: str | Path = "runs/submitit", job_name: str = "gptcore", timeout_min: int = 60,
-           partition: str | None = None) -> submitit.Job:
+           partition: str | None = None, cpus_per_task: int | None = None,
+           comment: str | None = None) -> submitit.Job:
     """Submit `gptcore train --config CONFIG OVERRIDES...` on nodes x gpus ranks.
 
     Returns rank 0's task of the job: `.job_id` is the cluster's job id, `.result()` waits and
@@ -140,7 +148,8 @@ def submit(config: str, overrides: list[str], gpus: int, nodes: int = 1, executo
     if cluster == "local" and nodes > 1:
         raise UserInputError("the local executor runs on this machine only; use nodes=1 or executor=slurm")
     ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
-    ex.update_parameters(**executor_parameters(cluster, gpus, nodes, job_name, timeout_min, partition))
+    ex.update_parameters(**executor_parameters(cluster, gpus, nodes, job_name, timeout_min, partition,
+                                               cpus_per_task=cpus_per_task, comment=comment))
     job = ex.submit(TrainTask(config, overrides, job_name, str(RUNS)))
     return job.task(0)
 

@@ -10,7 +10,6 @@
 #                resume=auto continues it; set RUN_DIR to continue an older run in a new job
 #   MASTER_ADDR  the first host of the allocation (`scontrol show hostnames`); MASTER_PORT from the
 #                job id, so jobs sharing a node do not collide. Both can be set at submit time.
-#   OMP_NUM_THREADS  the CPUs Slurm gave each task (--cpus-per-task)
 # and two functions: `train_with srun|torchrun [OVERRIDES...]` and `run_step COMMAND...`.
 # Knobs read from the environment at submit time: CONFIG, EXTRA, GPTCORE_ROOT, GPTCORE_VENV,
 # RUN_DIR, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
@@ -38,7 +37,8 @@ RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
 MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}"
 export MASTER_ADDR MASTER_PORT
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+# Threads per rank: the trainer takes each rank's share of its node's CPUs within the allocation
+# (--cpus-per-task); an OMP_NUM_THREADS of the submitting shell still overrides it.
 # Workers print as they go; without this the log of a killed job misses its last lines.
 export PYTHONUNBUFFERED=1
 
@@ -76,6 +76,8 @@ train_with() {
     # exit, dies with a traceback. Here the step has ended cleanly first.
     export GPTCORE_REQUEUE_MARK="$RUN_DIR/requeue.mark"
     rm -f "$GPTCORE_REQUEUE_MARK"
+    # The job says where its run is, for launch/monitor.py (squeue's %k, sacct's Comment).
+    scontrol update JobId="$SLURM_JOB_ID" Comment="gptcore run_dir=$(realpath -m "$RUN_DIR")" >/dev/null 2>&1 || true
     case "$launcher" in
         srun)
             # Slurm 22.05's srun does not take --cpus-per-task from the batch allocation by itself.

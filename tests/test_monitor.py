@@ -3,18 +3,21 @@ the live table against the cluster is in test_slurm.py)."""
 
 import json
 
-from launch.monitor import (Job, Progress, build_row, elapsed_seconds, find_run_dir, format_table,
-                            merge_jobs, parse_jobs, read_progress)
+from pathlib import Path
 
-# `squeue --format=%i|%j|%T|%M|%Z` and `sacct --parsable2 --format=JobID,JobName,State,Elapsed,WorkDir`.
+from launch.monitor import (Job, Progress, build_row, elapsed_seconds, find_run_dir, format_table, is_gptcore_job,
+                            launch_failure, merge_jobs, parse_jobs, read_progress)
+
+# `squeue --format=%i|%j|%T|%M|%Z|%r|%k|%o` and
+# `sacct --parsable2 --format=JobID,JobName,State,Elapsed,WorkDir,Reason,Comment,SubmitLine`.
 SQUEUE = """\
-41|gptcore-4gpu|RUNNING|1:05|/work/main
-42|gptcore-quantize|PENDING|0:00|/work/main
+41|gptcore-4gpu|RUNNING|1:05|/work/main|None|(null)|/work/main/slurm/train_4gpu.sbatch
+42|gptcore-quantize|PENDING|0:00|/work/main|Dependency|(null)|/work/main/slurm/quantize.sbatch
 """
 SACCT = """\
-39|gptcore-2gpu|COMPLETED|00:00:31|/work/main
-40|gptcore-1gpu|CANCELLED by 0|01:02:03|/work/main
-41|gptcore-4gpu|RUNNING|00:01:04|/work/main
+39|gptcore-2gpu|COMPLETED|00:00:31|/work/main|None||sbatch slurm/train_2gpu.sbatch
+40|gptcore-1gpu|CANCELLED by 0|01:02:03|/work/main|None||sbatch slurm/train_1gpu.sbatch
+41|gptcore-4gpu|RUNNING|00:01:04|/work/main|None||sbatch slurm/train_4gpu.sbatch
 """
 
 
@@ -28,6 +31,8 @@ def test_squeue_wins_over_sacct_and_states_are_one_word():
     assert [(j.job_id, j.state, j.elapsed_s) for j in jobs] == [
         ("39", "COMPLETED", 31), ("40", "CANCELLED", 3723), ("41", "RUNNING", 65), ("42", "PENDING", 0)]
     assert [j.active for j in jobs] == [False, False, True, True]
+    assert [j.shown_state for j in jobs] == ["COMPLETED", "CANCELLED", "RUNNING", "PENDING (Dependency)"]
+    assert jobs[2].template() == "train_4gpu.sbatch" and jobs[2].run_dir is None
 
 
 def write_run(run_dir, max_iters, records):
@@ -62,3 +67,29 @@ def test_finished_and_runless_jobs_show_what_is_known(tmp_path):
     header, row = table.splitlines()
     assert header.split() == ["JOBID", "NAME", "STATE", "ELAPSED", "STEP", "LOSS", "TOK/S", "ETA"]
     assert row.split() == ["42", "gptcore-quantize", "PENDING", "0:00:00", "-", "-", "-", "-"]
+
+
+def test_a_jobs_own_word_on_its_run_dir_finds_runs_outside_runs(tmp_path):
+    elsewhere = tmp_path / "sweep" / "n2"
+    write_run(elsewhere, 40, [{"step": 40, "loss": 2.5, "ms_per_step": 3.0, "tokens_per_s": 8.0}])
+    job = Job("77", "sweep-n2", "COMPLETED", 12, "/home/u", comment=f"gptcore run_dir={elsewhere}")
+    assert find_run_dir(tmp_path / "runs", job) == elsewhere
+    assert read_progress(find_run_dir(tmp_path / "runs", job)).step == 40
+    assert is_gptcore_job(job, Path("/work/main"), None)  # a sweep's job, submitted from anywhere
+
+
+def test_a_job_slurm_could_not_start_says_why_and_how_to_fix_it(tmp_path):
+    """Submitted from outside the repository: Slurm cannot open logs/ there, the job fails at
+    launch and writes no log at all."""
+    outside = tmp_path / "home"
+    outside.mkdir()
+    failed = Job("72", "gptcore-1gpu", "FAILED", 0, str(outside), "JobLaunchFailure", "",
+                 "sbatch /work/main/slurm/train_1gpu.sbatch")
+    assert is_gptcore_job(failed, Path("/work/main"), None)
+    assert build_row(failed, Progress())[2] == "FAILED (JobLaunchFailure)"
+    note = launch_failure(failed, Path("/work/main"))
+    assert note == (f"job 72 (gptcore-1gpu) never started: Slurm could not open its log in {outside}/logs/ "
+                    f"(submitted from {outside}, not the repository); submit from the root: cd /work/main && "
+                    "sbatch slurm/train_1gpu.sbatch")
+    ran = Job("73", "gptcore-1gpu", "FAILED", 30, "/work/main", "None", "", "sbatch slurm/train_1gpu.sbatch")
+    assert launch_failure(ran, Path("/work/main")) is None  # it ran, and failed for its own reasons

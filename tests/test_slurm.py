@@ -89,9 +89,9 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     train = jobs.sbatch("--job-name=test-4gpu", "slurm/train_4gpu.sbatch", f"data.path={corpus}",
                         env={"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0"})
     run_dir = REPO / "runs" / f"test-4gpu-{train}"
+    # No group size given: int4's default 64 does not divide the tiny model's width, 32 is taken.
     quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
-                           f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch",
-                           env={"QUANTIZE_ARGS": "--group-size 32"})  # the tiny model is 32 wide
+                           f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch")
     assert wait_until_ended(ENV, train, 120) == "COMPLETED", log_text("test-4gpu", train)
     assert "world_size=4 launcher=srun device=cpu" in log_text("test-4gpu", train)
     assert sacct(ENV, train) == ["COMPLETED"]
@@ -104,6 +104,7 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
 
     assert wait_until_ended(ENV, quantize, 120) == "COMPLETED", log_text("test-quantize", quantize)
     assert (run_dir / "ckpt_int8.pt").is_file() and (run_dir / "ckpt_int4.pt").is_file()
+    assert "int4: group size 32: the default 64 does not divide n_embd 32" in log_text("test-quantize", quantize)
     train_end, = sacct(ENV, train, "End")
     quantize_start, = sacct(ENV, quantize, "Start")
     assert quantize_start >= train_end  # ISO timestamps: the dependency held it back
@@ -242,3 +243,19 @@ def test_extra_overrides_are_never_glob_expanded(jobs):
     finally:
         decoy.unlink()
     assert "config key train.lr needs a number, got '*'" in log_text("test-glob", job)
+
+
+def test_a_job_submitted_from_outside_the_repository_is_explained_by_the_monitor(jobs, tmp_path):
+    """Slurm cannot open logs/ in the submit directory, so the job fails before the script runs
+    and writes no log anywhere: the monitor names it, says why and how to submit it."""
+    result = subprocess.run(["sbatch", "--parsable", "--job-name=gptcore-outside", str(REPO / "slurm/train_1gpu.sbatch")],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    jobs.track(job, "gptcore-outside")
+    assert wait_until_ended(ENV, job, 60) == "FAILED"
+    table = monitor_once()
+    row = monitor_row(table, job)
+    assert row[2:4] == ["FAILED", "(JobLaunchFailure)"]
+    assert (f"job {job} (gptcore-outside) never started: Slurm could not open its log in {tmp_path}/logs/" in table
+            and f"cd {REPO} && sbatch slurm/train_1gpu.sbatch" in table), table
