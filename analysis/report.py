@@ -1,15 +1,26 @@
 """A scaling report from training runs of different sizes: report.md, report.json and plots.
 
     python -m analysis.report runs/sweep/n1 runs/sweep/n2 runs/sweep/n4 --out runs/sweep/report
+    python -m analysis.report runs/cpu --out runs/cpu/report         # one run: its own report
 
 Each RUN_DIR is a finished `gptcore train` output directory (config.yaml, metrics.jsonl, and when
-profiling was on, profile/rank*.prof and samples/node*.jsonl). The smallest run is the baseline
-(normally 1 GPU); the runs must share train.scaling (strong or weak).
+profiling was on, profile/rank*.prof and samples/node*.jsonl). Runs of the same size (ranks and
+nodes) are repeats and are pooled. The smallest size is the baseline (normally 1 GPU); the runs
+must share train.scaling (strong or weak).
+
+The report measures its own noise and says what it cannot conclude. A size's step time is the
+median of its logged windows after warm-up, with a 95% bootstrap interval over those windows
+(all repeats together); speedup and efficiency get intervals the same way. A size is flagged,
+and nothing is explained from it, when its data are thin (fewer than MIN_WINDOWS timed windows,
+fewer than MIN_SAMPLES hardware samples), when other processes used more than SHARED_NODE_PCT
+of its node's CPU while it ran, when its ranks asked for more threads than the node has cores,
+or when its efficiency is above 100% by more than its interval.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +31,10 @@ from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
 
 PROJECTION_SIZES = (8, 16, 32, 64)
+MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together
+MIN_SAMPLES = 3  # hardware samples per run, where the sampler ran
+SHARED_NODE_PCT = 10.0  # others' CPU, in % of the node, above which a node counts as shared
+AGREEMENT = 1e-4  # DDP's promise: every size follows the same loss curve within this
 PHASE_LABELS = {
     "data": "data loading",
     "forward": "forward",
@@ -28,54 +43,136 @@ PHASE_LABELS = {
     "other": "time outside the phases (mostly waiting for the slowest rank at the per-step sync, and logging)",
 }
 COMM_METHOD = (
-    "Communication is estimated, not measured: DDP runs the gradient all-reduce inside backward, so "
-    "comm(N) = backward(N) - backward(1) x (rows per rank at N / rows per rank at 1), i.e. backward's "
-    "excess over its compute scaled from the 1-rank run (backward(N) - backward(1) under weak scaling). "
-    "It assumes backward compute is linear in the rows per rank; on shared CPU cores it also includes "
-    "contention between ranks.")
+    "Communication is measured where it happens: a DDP communication hook times each gradient bucket's "
+    "all-reduce (host clock on gloo, CUDA events on NCCL); `all-reduce ms` is the time per step some bucket "
+    "was in flight, `exposed ms` the part after the last bucket was ready, which backward waited for. "
+    "The estimate beside it, backward(N) - backward(1) x (rows per rank at N / rows per rank at 1), is a "
+    "cross-check: on shared CPU cores it also holds contention between ranks.")
 
 
-def describe_run(run: Run, warmup_fraction: float) -> dict:
-    t, m = run.config.train, run.config.model
-    step_ms = scaling.steady_step_ms(run.steps, warmup_fraction)
-    phases = scaling.steady_phases_ms(run.steps, warmup_fraction)
+def size_key(run: Run) -> tuple[int, int]:
+    return run.world_size, run.nodes
+
+
+def group_by_size(runs: list[Run]) -> list[list[Run]]:
+    """Runs of one size (ranks, nodes) are repeats of one measurement; sizes in order."""
+    groups: dict[tuple[int, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(size_key(run), []).append(run)
+    return [groups[key] for key in sorted(groups)]
+
+
+def median_of(records: list[dict], read) -> float | None:
+    values = [value for value in (read(r) for r in records) if value is not None]
+    return statistics.median(values) if values else None
+
+
+def describe_size(runs: list[Run], warmup_fraction: float) -> dict:
+    """One size's row: its repeats pooled."""
+    first = runs[0]
+    t, m = first.config.train, first.config.model
+    steady = [r for run in runs for r in scaling.steady_records(run.steps, warmup_fraction)]
+    windows = [ms for run in runs for ms in scaling.steady_windows(run.steps, warmup_fraction)]
+    if not windows:
+        raise UserInputError(f"{first.path} has no timed windows after warm-up; train for more steps")
+    step_ms = statistics.median(windows)
+    phases = {name: statistics.median(r["phases_ms"].get(name, 0.0) for r in steady if r.get("phases_ms"))
+              for name in scaling.STEP_PHASES} if any(r.get("phases_ms") for r in steady) else {}
     if phases:
         phases["other"] = step_ms - sum(phases.values())
-    tokens = scaling.tokens_per_step(t.batch_size, t.grad_accum, m.block_size, run.world_size, t.scaling)
-    stats = merged_profile(run.profiles)
+    tokens = scaling.tokens_per_step(t.batch_size, t.grad_accum, m.block_size, first.world_size, t.scaling)
+    stats = merged_profile([path for run in runs for path in run.profiles])
+    nodes: dict[str, list[dict]] = {}
+    for run in runs:
+        for node, samples in run.samples.items():
+            nodes.setdefault(node, []).extend(samples)
+    samples = {node: summarize_samples(found) for node, found in nodes.items()}
+    others = [s["others_cpu_pct"] for s in samples.values() if "others_cpu_pct" in s]
+    comm = [r["comm"] for r in steady if r.get("comm")]
+    start = first.start or {}
     return {
-        "path": str(run.path),
-        "world_size": run.world_size,
-        "nodes": run.nodes,
-        "allreduce_probe": run.probes[-1] if run.probes else None,
+        "path": str(first.path),
+        "paths": [str(run.path) for run in runs],
+        "repeats": len(runs),
+        "world_size": first.world_size,
+        "nodes": first.nodes,
+        "allreduce_probe": first.probes[-1] if first.probes else None,
         "scaling": t.scaling,
-        "steps": run.steps[-1]["step"],
-        "steady_steps_from": scaling.steady_records(run.steps, warmup_fraction)[0]["step"],
+        "steps": first.steps[-1]["step"],
+        "steady_steps_from": scaling.steady_records(first.steps, warmup_fraction)[0]["step"],
+        "windows": len(windows),
         "step_ms": step_ms,
+        "step_ms_interval": scaling.median_interval(windows),
+        "step_ms_quartiles": scaling.quartiles(windows),
+        "repeat_step_ms": [statistics.median(scaling.steady_windows(run.steps, warmup_fraction)) for run in runs],
+        "window_ms": windows,
         "tokens_per_step": tokens,
         "tokens_per_s": 1000 * tokens / step_ms,
         "phases_ms": phases,
-        "eval_total_ms": scaling.total_phase_ms(run.steps, "eval"),
-        "checkpoint_total_ms": scaling.total_phase_ms(run.steps, "checkpoint"),
-        "final_loss": run.steps[-1]["loss"],
-        "final_val_loss": run.evals[-1]["val_loss"] if run.evals else None,
-        "loss_curve": [[r["step"], r["loss"]] for r in run.steps],
-        "samples": {node: summarize_samples(samples) for node, samples in run.samples.items()},
-        "profile_ranks": len(run.profiles),
+        "comm_measured": {name: statistics.median(c[name] for c in comm) for name in comm[0]} if comm else None,
+        "eval_total_ms": scaling.total_phase_ms(first.steps, "eval"),
+        "checkpoint_total_ms": scaling.total_phase_ms(first.steps, "checkpoint"),
+        "final_loss": first.steps[-1]["loss"],
+        "final_val_loss": first.evals[-1]["val_loss"] if first.evals else None,
+        "loss_curve": [[r["step"], r["loss"]] for r in first.steps],
+        "val_curve": [[r["step"], r["val_loss"]] for r in first.evals],
+        "sampled": bool(nodes),
+        "samples": samples,
+        "others_cpu_pct": max(others) if others else None,
+        "threads": start.get("threads"),
+        "node_cpus": start.get("node_cpus"),
+        "dtype": start.get("dtype"),
+        "ranks_per_node": first.world_size // max(1, first.nodes),
+        "profile_ranks": len(first.profiles),
         "profile_top": top_functions(stats, 25, "cumulative") if stats else [],
         "profile_top_self": top_functions(stats, 15, "tottime") if stats else [],
     }
 
 
+def data_flags(row: dict) -> list[dict]:
+    """What keeps a size's numbers from meaning what they seem to: each with what to change."""
+    found = []
+    if row["windows"] < MIN_WINDOWS:
+        found.append({"kind": "thin", "text": f"only {row['windows']} timed window(s) after warm-up "
+                      f"(at least {MIN_WINDOWS} wanted)",
+                      "fix": "raise train.max_iters or lower train.log_interval, or run --repeats"})
+    fewest = min((s["samples"] for s in row["samples"].values() if s), default=0)
+    if row["sampled"] and fewest < MIN_SAMPLES:
+        found.append({"kind": "thin", "text": f"only {fewest} hardware sample(s) (at least {MIN_SAMPLES} wanted)",
+                      "fix": "lower profile.sampler_interval or raise train.max_iters"})
+    if row["others_cpu_pct"] is not None and row["others_cpu_pct"] > SHARED_NODE_PCT:
+        found.append({"kind": "shared", "text": f"node shared: other processes used {row['others_cpu_pct']:.0f}% of "
+                      "its CPU while this size ran",
+                      "fix": "rerun on a quiet node (or an exclusive allocation), with --repeats to see the spread"})
+    threads, cores, ranks = row["threads"], row["node_cpus"], row["ranks_per_node"]
+    if threads and cores and threads * ranks > cores:
+        fix = (f"run at most {cores} rank(s) per {cores}-core node, or use nodes with more cores" if threads == 1 else
+               "leave train.threads and OMP_NUM_THREADS unset, so that each rank takes its share of the cores")
+        found.append({"kind": "oversubscribed", "text": f"{ranks} rank(s) x {threads} thread(s) on {cores} core(s): "
+                      "the ranks fight over the cores", "fix": fix})
+    return found
+
+
 def compare(rows: list[dict]) -> None:
-    """Adds speedup, efficiency, per-phase excess and the communication estimate against the
-    smallest run, in place."""
+    """Adds speedup, efficiency, their intervals, per-phase excess, the communication estimate
+    and the above-ideal flag against the smallest size, in place."""
     base = rows[0]
     for row in rows:
         n, base_n, kind = row["world_size"], base["world_size"], row["scaling"]
+        factor = n / base_n if kind == "weak" else 1.0
         row["speedup"] = scaling.speedup(base["step_ms"], row["step_ms"], n, kind, base_n)
         row["efficiency"] = scaling.efficiency(base["step_ms"], row["step_ms"], n, kind, base_n)
+        low, high = scaling.ratio_interval(base["window_ms"], row["window_ms"]) if row is not base else (1.0, 1.0)
+        row["speedup_interval"] = (factor * low, factor * high)
+        row["efficiency_interval"] = (factor * low / (n / base_n), factor * high / (n / base_n))
         row["ideal_step_ms"] = base["step_ms"] * scaling.compute_scale(base_n, n, kind)
+        row["flags"] = data_flags(row)
+        if row["efficiency_interval"][0] > 1.0:
+            row["flags"].append({"kind": "above ideal", "text": f"efficiency {100 * row['efficiency']:.0f}% "
+                                 f"(interval {100 * row['efficiency_interval'][0]:.0f}-"
+                                 f"{100 * row['efficiency_interval'][1]:.0f}%) is beyond 100%",
+                                 "fix": "the baseline was slowed (see its flags) or did other work: rerun the sizes "
+                                        "together with --repeats"})
         if base["phases_ms"] and row["phases_ms"]:
             row["excess_ms"] = scaling.excess_ms(base["phases_ms"], row["phases_ms"], base_n, n, kind)
             row["comm_ms"] = max(0.0, row["excess_ms"]["backward"]) if n > base_n else 0.0
@@ -129,31 +226,60 @@ def projection(base: dict, gradient_bytes_: int, probe: dict | None = None) -> d
     }
 
 
+def percent_range(interval: tuple[float, float]) -> str:
+    return f"{100 * interval[0]:.0f}-{100 * interval[1]:.0f}%"
+
+
 def limits_paragraph(report: dict) -> str:
-    """What limits scaling, in words, from the numbers."""
+    """What limits scaling, in words, from the numbers, and only as far as they carry."""
     rows = report["runs"]
     if len(rows) < 2:
-        return "Only one size ran, so there is nothing to compare; run at least two sizes."
-    base, top = rows[0], rows[-1]
+        row = rows[0]
+        low, high = row["step_ms_interval"]
+        text = (f"One size ran ({row['world_size']} rank{'s' if row['world_size'] > 1 else ''}, {row['repeats']} "
+                f"run(s)): {row['step_ms']:.1f} ms per step (95% interval {low:.1f}-{high:.1f} ms over "
+                f"{row['windows']} windows), so there is no scaling to compare; run at least two sizes for that.")
+        return text + "".join(f" Note: {flag['text']}; {flag['fix']}." for flag in row["flags"])
+    base = rows[0]
+    flagged = [(row, flag) for row in rows for flag in row["flags"]]
+    clean = [row for row in rows[1:] if not row["flags"]]
+    left_out = ""
+    if flagged:
+        fixes = "; ".join(dict.fromkeys(flag["fix"] for _, flag in flagged))
+        said = "; ".join(f"at {row['world_size']} rank(s), {flag['text']}" for row, flag in flagged)
+        if base["flags"] or not clean:
+            return f"No conclusion is drawn from these numbers: {said}. To get one: {fixes}."
+        left_out = f"Left out of this: {said}. To include them: {fixes}."
+    top = clean[-1]
     n = top["world_size"]
-    parts = [f"At {n} ranks the step takes {top['step_ms']:.1f} ms against an ideal "
-             f"{top['ideal_step_ms']:.1f} ms ({top['scaling']} scaling from {base['world_size']} rank"
-             f"{'s' if base['world_size'] > 1 else ''}), a parallel efficiency of {100 * top['efficiency']:.0f}%."]
-    busy = [summary["node_cpu_pct"] for summary in top["samples"].values() if summary]
-    if busy and max(busy) >= 90:
-        parts.append(f"The node's CPUs were {max(busy):.0f}% busy (median of the samples): the ranks competed "
-                     f"for cores, which inflates the time of every phase, the communication estimate included.")
-    excess = top.get("excess_ms")
-    lost = top["step_ms"] - top["ideal_step_ms"]
-    if excess and lost > 0:
-        ranked = sorted(((ms, name) for name, ms in excess.items() if ms > 0), reverse=True)
-        added = sum(ms for ms, _ in ranked)
-        named = [f"{PHASE_LABELS[name]}: +{ms:.1f} ms ({100 * ms / added:.0f}% of the time added over ideal)"
-                 for ms, name in ranked[:2]]
-        if named:
-            parts.append("The lost time goes mostly to " + "; then ".join(named) + ".")
-    elif lost <= 0:
-        parts.append("It is at or above ideal: nothing measurable is lost at this size.")
+    parts = [f"At {n} ranks{' (the largest size without a flag)' if top is not rows[-1] else ''} the step takes "
+             f"{top['step_ms']:.1f} ms (95% interval {top['step_ms_interval'][0]:.1f}-{top['step_ms_interval'][1]:.1f}) "
+             f"against an ideal {top['ideal_step_ms']:.1f} ms ({top['scaling']} scaling from {base['world_size']} "
+             f"rank{'s' if base['world_size'] > 1 else ''}), a parallel efficiency of {100 * top['efficiency']:.0f}% "
+             f"(interval {percent_range(top['efficiency_interval'])})."]
+    low, high = top["efficiency_interval"]
+    if low <= 1.0 <= high:
+        parts.append("That is within the measurement's noise of ideal: nothing measurable is lost at this size.")
+    else:
+        busy = [summary["node_cpu_pct"] for summary in top["samples"].values() if summary]
+        if busy and max(busy) >= 90:
+            parts.append(f"The node's CPUs were {max(busy):.0f}% busy (median of the samples), by this run's own ranks "
+                         "(other processes used little): the ranks competed for cores, which inflates the time of "
+                         "every phase, the communication estimate included.")
+        measured = top.get("comm_measured")
+        if measured:
+            parts.append(f"The gradient all-reduce took {measured['allreduce_ms']:.1f} ms per step, "
+                         f"{measured['exposed_ms']:.1f} ms of it after the last bucket was ready (not hidden behind "
+                         "backward).")
+        excess = top.get("excess_ms")
+        lost = top["step_ms"] - top["ideal_step_ms"]
+        if excess and lost > 0:
+            ranked = sorted(((ms, name) for name, ms in excess.items() if ms > 0), reverse=True)
+            added = sum(ms for ms, _ in ranked)
+            named = [f"{PHASE_LABELS[name]}: +{ms:.1f} ms ({100 * ms / added:.0f}% of the time added over ideal)"
+                     for ms, name in ranked[:2]]
+            if named:
+                parts.append("The lost time goes mostly to " + "; then ".join(named) + ".")
     projected = report.get("projection")
     if projected and projected["rows"]:
         worst = min((r for r in projected["rows"] if r["gpus"] == max(PROJECTION_SIZES)),
@@ -163,26 +289,37 @@ def limits_paragraph(report: dict) -> str:
                 f"Projected at {worst['gpus']} GPUs over {worst['link']}: the all-reduce of "
                 f"{projected['gradient_bytes'] / 2**20:.2f} MiB takes {worst['allreduce_ms']:.2f} ms, for an "
                 f"efficiency of {100 * worst['efficiency_no_overlap']:.0f}-{100 * worst['efficiency_overlap']:.0f}%.")
-    return " ".join(parts)
+    return " ".join([*parts, *([left_out] if left_out else [])])
+
+
+def loss_agreement(rows: list[dict]) -> float | None:
+    """The largest difference between sizes' losses at the steps they all logged."""
+    curves = [dict(map(tuple, r["loss_curve"])) for r in rows]
+    common = set.intersection(*(set(curve) for curve in curves)) if len(curves) > 1 else set()
+    if not common:
+        return None
+    return max(max(curve[step] for curve in curves) - min(curve[step] for curve in curves) for step in common)
 
 
 def build_report(runs: list[Run], warmup_fraction: float = 0.1) -> dict:
     kinds = {run.config.train.scaling for run in runs}
     if len(kinds) > 1:
         raise UserInputError("the runs mix strong and weak scaling (train.scaling); compare runs of one kind")
-    rows = sorted((describe_run(run, warmup_fraction) for run in runs),
-                  key=lambda row: (row["world_size"], row["nodes"]))
+    groups = group_by_size(runs)
+    rows = [describe_size(group, warmup_fraction) for group in groups]
     compare(rows)
     probe = measured_probe(rows)
+    agreement = loss_agreement(rows)
     report = {"scaling": rows[0]["scaling"], "baseline_world_size": rows[0]["world_size"],
               "warmup_fraction": warmup_fraction, "comm_method": COMM_METHOD, "runs": rows,
-              "node_efficiency": node_efficiency(rows),
+              "loss_agreement": agreement, "node_efficiency": node_efficiency(rows),
+              "thresholds": {"min_windows": MIN_WINDOWS, "min_samples": MIN_SAMPLES,
+                             "shared_node_pct": SHARED_NODE_PCT, "agreement": AGREEMENT},
               "measured_link": {"busbw_gbps": probe["busbw_gbps"], "latency_us": probe["latency_us"],
                                 "bytes": probe["bytes"], "nodes": probe["nodes"],
                                 "world_size": probe["world_size"]} if probe else None}
-    if rows[0]["world_size"] == 1 and rows[0]["phases_ms"]:
-        smallest = min(runs, key=lambda run: run.world_size)
-        report["projection"] = projection(rows[0], gradient_bytes(smallest.config), probe)
+    if rows[0]["world_size"] == 1 and rows[0]["phases_ms"] and len(rows) > 1:
+        report["projection"] = projection(rows[0], gradient_bytes(groups[0][0].config), probe)
     report["limits"] = limits_paragraph(report)
     return report
 
@@ -198,33 +335,79 @@ def table(header: list[str], rows: list[list]) -> str:
 def render_markdown(report: dict) -> str:
     rows = report["runs"]
     base_n = report["baseline_world_size"]
-    out = [f"# Scaling report ({report['scaling']} scaling)", "",
-           f"Baseline: {base_n} rank{'s' if base_n > 1 else ''}. Step time is the median ms per optimizer step "
-           f"after warm-up (the first logged window and the first {100 * report['warmup_fraction']:.0f}% of steps "
-           f"are dropped), with eval and checkpoint time taken out.", "",
-           "## Scaling", "",
-           table(["ranks", "step ms", "tokens/s", "speedup", "ideal", "efficiency", "comm ms (share)",
-                  "final loss", "run"],
-                 [[r["world_size"], f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
-                   f"{r['world_size'] / base_n:.0f}x", f"{100 * r['efficiency']:.0f}%",
-                   f"{r['comm_ms']:.2f} ({100 * r['comm_share']:.0f}%)" if "comm_ms" in r else "-",
-                   f"{r['final_loss']:.4f}", f"`{r['path']}`"] for r in rows]),
-           "", "## What limits scaling", "", report["limits"], "",
-           "## Where a step's time goes (ms per step, rank 0, median after warm-up)", ""]
-    names = [name for name in (*scaling.STEP_PHASES, "other") if any(name in r["phases_ms"] for r in rows)]
-    out += [table(["ranks", *names, "step", "eval total", "checkpoint total"],
-                  [[r["world_size"], *(f"{r['phases_ms'].get(name, 0.0):.2f}" for name in names),
-                    f"{r['step_ms']:.2f}", f"{r['eval_total_ms']:.0f}", f"{r['checkpoint_total_ms']:.0f}"]
-                   for r in rows]),
-            "", "Backward includes DDP's gradient all-reduce. " + report["comm_method"], ""]
+    several = len(rows) > 1
+    step_time = (f"Step time is the median ms per optimizer step over the logged windows after warm-up (the first "
+                 f"window and the first {100 * report['warmup_fraction']:.0f}% of steps are dropped), with eval and "
+                 "checkpoint time taken out, all repeats of a size together; the interval is a 95% bootstrap interval "
+                 "over those windows" + (", and speedup and efficiency carry theirs." if several else "."))
+    scaling_cells = (lambda r: [f"{r['speedup']:.2f}x ({r['speedup_interval'][0]:.2f}-{r['speedup_interval'][1]:.2f})",
+                                f"{r['world_size'] / base_n:.0f}x",
+                                f"{100 * r['efficiency']:.0f}% ({percent_range(r['efficiency_interval'])})"])
+    out = [f"# {'Scaling report' if several else 'Run report'} ({report['scaling']} scaling)", "",
+           (f"Baseline: {base_n} rank{'s' if base_n > 1 else ''}. " if several else "") + step_time, "",
+           "## Scaling" if several else "## Step time", "",
+           table(["ranks", "step ms", "95% interval", "tokens/s", *(["speedup", "ideal", "efficiency"] if several else []),
+                  "threads/rank", "cores/node", "repeats", "final loss", "final val loss", "flags"],
+                 [[r["world_size"], f"{r['step_ms']:.2f}",
+                   f"{r['step_ms_interval'][0]:.2f}-{r['step_ms_interval'][1]:.2f}", f"{r['tokens_per_s']:,.0f}",
+                   *(scaling_cells(r) if several else []),
+                   r["threads"] or "-", r["node_cpus"] or "-", r["repeats"], f"{r['final_loss']:.4f}",
+                   f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-",
+                   "; ".join(flag["kind"] for flag in r["flags"]) or "-"] for r in rows]),
+           ""]
+    flagged = [(r, flag) for r in rows for flag in r["flags"]]
+    if flagged:
+        out += ["Flags, and what to change:", "",
+                *(f"- {r['world_size']} rank(s): {flag['text']}. {flag['fix'][0].upper()}{flag['fix'][1:]}."
+                  for r, flag in flagged), ""]
+    out += [f"{'## What limits scaling' if several else '## The run'}", "", report["limits"], ""]
+    agreement = report["loss_agreement"]
+    if agreement is not None:
+        verdict = ("within 1e-4 at every common step: DDP's promise holds" if agreement <= AGREEMENT
+                   else f"up to {agreement:.2e} apart at a common step: more than DDP's 1e-4")
+        if agreement > AGREEMENT and any(r.get("dtype") == "bfloat16" for r in rows):
+            verdict += (" (these runs trained under bf16 autocast, where a batch split over more ranks rounds "
+                        "differently; in fp32 the sizes agree within 1e-4)")
+        out += [f"Loss curves of the sizes: {verdict}.", ""]
+    out += render_phases(report)
     out += render_nodes(report)
     out += render_samples(rows)
     out += render_profiles(rows)
     if "projection" in report:
         out += render_projection(report["projection"])
-    out += ["## Plots", "", "![speedup](speedup.png) ![efficiency](efficiency.png)", "",
-            "![phases](phases.png) ![loss](loss.png)", "", "![utilization](utilization.png)", ""]
+    pictures = ["![loss](loss.png)", "![phases](phases.png)", "![utilization](utilization.png)"]
+    if several:
+        pictures = ["![speedup](speedup.png) ![efficiency](efficiency.png)", *pictures]
+    out += ["## Plots", "", *(line + "\n" for line in pictures)]
     return "\n".join(out)
+
+
+def render_phases(report: dict) -> list[str]:
+    rows = report["runs"]
+    names = [name for name in (*scaling.STEP_PHASES, "other") if any(name in r["phases_ms"] for r in rows)]
+    if not names:
+        return []
+    lines = ["## Where a step's time goes (ms per step, rank 0, median after warm-up)", "",
+             table(["ranks", *names, "step", "all-reduce (measured)", "exposed", "comm estimate",
+                    "eval total", "checkpoint total"],
+                   [[r["world_size"], *(f"{r['phases_ms'].get(name, 0.0):.2f}" for name in names), f"{r['step_ms']:.2f}",
+                     f"{r['comm_measured']['allreduce_ms']:.2f}" if r.get("comm_measured") else "-",
+                     f"{r['comm_measured']['exposed_ms']:.2f}" if r.get("comm_measured") else "-",
+                     f"{r['comm_ms']:.2f} ({100 * r['comm_share']:.0f}%)" if "comm_ms" in r else "-",
+                     f"{r['eval_total_ms']:.0f}", f"{r['checkpoint_total_ms']:.0f}"] for r in rows]),
+             "", "Backward includes DDP's gradient all-reduce. " + report["comm_method"], ""]
+    achieved = [(r, r["comm_measured"]) for r in rows if r.get("comm_measured") and r["comm_measured"]["allreduce_ms"]]
+    if achieved:
+        lines += ["Achieved all-reduce bus bandwidth (2(n-1)/n x bytes per step / all-reduce time), against the "
+                  "run's own probe:", ""]
+        for r, comm in achieved:
+            n = r["world_size"]
+            busbw = 2 * (n - 1) / n * comm["bytes"] / (comm["allreduce_ms"] / 1000) / 1e9
+            probe = r["allreduce_probe"]
+            lines.append(f"- {n} ranks: {comm['bytes'] / 2**20:.2f} MiB in {comm['buckets']:.0f} bucket(s) per step, "
+                         f"{busbw:.3f} GB/s" + (f" (probe: {probe['busbw_gbps']:.3f} GB/s)" if probe else ""))
+        lines.append("")
+    return lines
 
 
 def render_nodes(report: dict) -> list[str]:
@@ -265,12 +448,14 @@ def render_samples(rows: list[dict]) -> list[str]:
                               for rank, s in summary["ranks"].items())
             gpus = ", ".join(f"gpu{index} {g['util_pct']:.0f}% / {g['mem_peak_mib']:,.0f} of {g['mem_total_mib']:,.0f} MiB"
                              for index, g in summary.get("gpus", {}).items()) or "no nvidia-smi"
-            lines.append([r["world_size"], node, summary["samples"], f"{summary['node_cpu_pct']:.0f}%",
+            others = f"{summary['others_cpu_pct']:.0f}%" if "others_cpu_pct" in summary else "-"
+            lines.append([r["world_size"], node, summary["samples"], f"{summary['node_cpu_pct']:.0f}%", others,
                           ranks, gpus])
     if not lines:
         return []
     return ["## Hardware samples (medians; memory is the peak)", "",
-            table(["ranks", "node", "samples", "node CPU", "process CPU / peak RSS per rank",
+            "Node CPU and others' CPU are in % of all the node's cores; a rank's process CPU in % of one core.", "",
+            table(["ranks", "node", "samples", "node CPU", "others' CPU", "process CPU / peak RSS per rank",
                    "GPU util / peak memory"], lines), ""]
 
 

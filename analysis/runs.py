@@ -1,5 +1,5 @@
-"""Reading a run directory: config.yaml, metrics.jsonl (steps, evals, all-reduce probes),
-samples/node*.jsonl, profile/rank*.prof."""
+"""Reading a run directory: config.yaml, metrics.jsonl (steps, evals, all-reduce probes, the
+start record of threads and dtype), samples/node*.jsonl, profile/rank*.prof."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Run:
     samples: dict[str, list[dict]] = field(default_factory=dict)  # node file stem -> samples
     profiles: list[Path] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)  # all-reduce probes, one per (re)start of a multi-rank run
+    start: dict | None = None  # rank 0's start record: threads, usable_cpus, node_cpus, sharing_ranks, dtype
 
     @property
     def nodes(self) -> int:
@@ -49,7 +50,8 @@ def load_run(path: str | Path) -> Run:
     return Run(path=path, config=config, world_size=int(steps[-1]["world_size"]), steps=steps,
                evals=[r for r in records if r.get("eval")], samples=samples,
                profiles=sorted((path / "profile").glob("rank*.prof"), key=lambda p: int(p.stem[4:])),
-               probes=[r for r in records if r.get("probe") == "allreduce"])
+               probes=[r for r in records if r.get("probe") == "allreduce"],
+               start=next((r for r in reversed(records) if "threads" in r and "step" not in r), None))
 
 
 def top_functions(stats: pstats.Stats, limit: int = 25, sort: str = "cumulative") -> list[dict]:
@@ -75,6 +77,9 @@ def summarize_samples(samples: list[dict]) -> dict:
         "node_cpu_pct": statistics.median(s["cpu_pct"] for s in samples),
         "node_mem_used_mib": max(s["mem_used_mib"] for s in samples),
     }
+    others = [s["others_cpu_pct"] for s in samples if "others_cpu_pct" in s]
+    if others:
+        summary["others_cpu_pct"] = statistics.median(others)
     ranks: dict[int, list[dict]] = {}
     for sample in samples:
         for proc in sample.get("procs", []):

@@ -154,3 +154,52 @@ def projected_efficiency(compute_1_ms: float, backward_1_ms: float, gradient_byt
     no_overlap = compute / (compute + comm)
     overlapped = compute / (compute + max(0.0, comm - backward))
     return no_overlap, overlapped
+
+
+# -- noise: intervals from the windows ------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def steady_windows(records: list[dict], warmup_fraction: float = 0.1) -> list[float]:
+    """Training ms per step of every logged window after warm-up: the samples a step time and
+    its spread are taken from."""
+    kept = {r["step"] for r in steady_records(records, warmup_fraction)}
+    return [ms for step, ms in train_ms(records) if step in kept]
+
+
+def _median_resamples(values: list[float], rng) -> "numpy.ndarray":
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    picks = rng.integers(0, len(data), size=(BOOTSTRAP_RESAMPLES, len(data)))
+    return np.median(data[picks], axis=1)
+
+
+def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median (resampling windows); one window gives a point."""
+    import numpy as np
+
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    medians = _median_resamples(values, np.random.default_rng(seed))
+    tail = 100 * (1 - CONFIDENCE) / 2
+    return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of median(numerator) / median(denominator), the two resampled
+    independently: what a speedup T1 / TN is known to within."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ratios = _median_resamples(numerator, rng) / _median_resamples(denominator, rng)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    return float(np.percentile(values, 25)), float(np.percentile(values, 75))

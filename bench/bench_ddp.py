@@ -2,6 +2,7 @@
 
     python bench/bench_ddp.py                          # 1 rank vs 2 gloo ranks, 1 thread each
     python bench/bench_ddp.py --ranks 2 --steps 150 --repeats 3 --batch 32
+    python bench/bench_ddp.py --hook-cost --repeats 6       # the all-reduce timing hook on, then off
 
 Every configuration is a real training run, `gptcore train` for 1 rank (no process group, no DDP
 wrapper) and `torchrun --nproc-per-node=N -m gptcore train` for N ranks, under weak scaling: each
@@ -15,6 +16,8 @@ rank gets the same batch, so an ideal N-rank step takes as long as a 1-rank step
   all-reduce  = one gloo all_reduce of the model's gradient size between N idle ranks: the part of
                 the DDP cost that is communication; the rest is waiting for the slower rank and
                 copying gradients in and out of DDP's buckets
+  --hook-cost = N-rank DDP with the all-reduce timing hook (profile.comm=true, the default) and
+                without it (DDP's own all-reduce), alternating which goes first round by round
 Other work on the machine skews this; the load average is printed before and after each run.
 """
 
@@ -45,11 +48,11 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path) -> list[str]:
+def command(ranks: int, batch: int, steps: int, log_every: int, out_dir: Path, extra=()) -> list[str]:
     overrides = [*SHAPE, f"train.batch_size={batch}", f"data.path={data_path()}", f"out_dir={out_dir}",
                  f"train.max_iters={steps}", "train.warmup_iters=10", f"train.log_interval={log_every}",
                  f"train.eval_interval={10 * steps}", "train.eval_iters=1", "train.sample_tokens=0",
-                 "train.threads=1", "profile.sampler=false"]
+                 "train.threads=1", "profile.sampler=false", *extra]
     launcher = [*TORCHRUN, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     return [*launcher, "-m", "gptcore", "train", *overrides]
 
@@ -64,11 +67,11 @@ def timings(out_dir: Path, warmup: int, steps: int) -> dict:
             "phases_ms": phases, "windows": len(windows)}
 
 
-def train(ranks: int, copies: int, args, out_dir: Path) -> dict:
+def train(ranks: int, copies: int, args, out_dir: Path, extra=()) -> dict:
     """One N-rank run, or `copies` independent 1-rank runs at once (ranks=1): what sharing the
     machine costs without any communication. Times of independent copies are averaged."""
     before = load()
-    runs = [subprocess.Popen(command(ranks, args.batch, args.steps, args.log_every, out_dir / str(k)), cwd=REPO,
+    runs = [subprocess.Popen(command(ranks, args.batch, args.steps, args.log_every, out_dir / str(k), extra), cwd=REPO,
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for k in range(copies)]
     for run in runs:
@@ -123,11 +126,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians")
     parser.add_argument("--log-every", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows; each row's median counts")
+    parser.add_argument("--hook-cost", action="store_true", help="time DDP with and without the all-reduce timing hook")
     parser.add_argument("--allreduce-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.allreduce_worker:
         allreduce_worker(args.allreduce_worker)
         return 0
+    if args.hook_cost:
+        return hook_cost(args)
     counts = [int(part) for part in args.ranks.split(",")]
     # The 1-rank baseline, then for each N: N independent 1-rank runs, then N ranks with DDP.
     plan = [(1, 1)] + [plan for n in counts if n > 1 for plan in ((1, n), (n, 1))]
@@ -163,6 +169,24 @@ def main() -> int:
               f"{sharing:+.1f} ms from {ddp['ranks']} processes sharing the machine (independent runs) "
               f"{extra:+.1f} ms of DDP ({split}); one all_reduce of the {numel:,} gradient floats between "
               f"idle ranks takes {allreduce_ms(ddp['ranks'], numel):.2f} ms")
+    return 0
+
+
+def hook_cost(args) -> int:
+    """DDP's step time with profile.comm on and off, rounds alternating which goes first."""
+    ranks = int(args.ranks.split(",")[0])
+    variants = {"hook": ["profile.comm=true"], "no hook": ["profile.comm=false"]}
+    medians = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.repeats):
+            for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+                run = train(ranks, 1, args, Path(tmp) / f"{name}-{k}".replace(" ", "_"), variants[name])
+                medians[name].append(run["ms_per_step"])
+                print(json.dumps({"variant": name, **run}), file=sys.stderr, flush=True)
+    hook, plain = (statistics.median(medians[name]) for name in variants)
+    spread = {name: f"{min(v):.1f}-{max(v):.1f}" for name, v in medians.items()}
+    print(f"{ranks} gloo ranks, batch {args.batch} per rank, {args.repeats} rounds: with the timing hook "
+          f"{hook:.2f} ms/step ({spread['hook']}), without {plain:.2f} ({spread['no hook']}): {hook / plain:.3f}x")
     return 0
 
 

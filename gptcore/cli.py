@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from gptcore.errors import GptcoreError, UserInputError
 
@@ -71,8 +72,9 @@ def cmd_train(args) -> None:
         from gptcore.config import load_config
 
         config = load_config(args.config, args.overrides)  # before torch is imported: a typo fails at once
-        from gptcore.train import Trainer
+        from gptcore.train import Trainer, format_eta
 
+        started = time.monotonic()
         trainer = Trainer(config)
         result = trainer.run()
         finished = result.final_step == config.train.max_iters
@@ -84,6 +86,21 @@ def cmd_train(args) -> None:
             print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
             print(text.strip("\n"))
             print("---")
+        if finished and trainer.is_main:
+            print(training_summary(result, trainer.best_val, trainer.ckpt_path, format_eta(time.monotonic() - started)))
+
+
+def training_summary(result, best_val: float, ckpt, took: str) -> str:
+    """The end of a finished training: how it went, where the model is, what to run next."""
+    best = f"best val loss {best_val:.4f} ({best_val / math.log(2):.3f} bits/char)" if math.isfinite(best_val) else \
+        "no evaluation"
+    out = result.out_dir
+    return "\n".join([
+        f"done: {result.final_step} steps in {took}, {best}; checkpoint {ckpt}",
+        f"next: gptcore sample --ckpt {ckpt} --prompt \"...\" --tokens 300",
+        f"      gptcore quantize --ckpt {ckpt} --mode int8 --out {out / 'ckpt_int8.pt'}",
+        f"      python -m analysis.report {out} --out {out / 'report'}",
+    ])
 
 
 def cmd_sample(args) -> None:

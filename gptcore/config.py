@@ -62,7 +62,8 @@ class TrainConfig:
     deterministic: bool = False  # bit-identical runs on CUDA too: deterministic kernels, no TF32 (slower)
     single_rank_group: bool = False  # one rank still forms a process group and wraps DDP (measures DDP's cost)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
-    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads per rank; 0: OMP_NUM_THREADS, else the rank's share of the CPUs
+    cpu_ranks: int = 0  # share the CPUs as if this many ranks ran on the node (a sweep: its largest size)
     sample_tokens: int = 200  # text generated at the end of training; 0 for none
     timeout_s: int = 300  # the longest a rank waits on the others (start-up, eval, checkpoints); then it fails
     step_timeout_s: float = 0.0  # the longest one step may wait, once past the first log; 0: 10x a window, >= 60 s
@@ -72,6 +73,7 @@ class TrainConfig:
 @dataclass
 class ProfileConfig:
     phases: bool = True  # per-phase step timers (CUDA events on a GPU, read at log steps)
+    comm: bool = True  # time each gradient bucket's all-reduce (a DDP communication hook)
     cprofile: bool = False
     torch: bool = False
     torch_start: int = 5  # first step of the torch.profiler window
@@ -267,7 +269,7 @@ def validate(config: Config) -> Config:
     non_negative = {
         "train.warmup_iters": t.warmup_iters, "train.min_lr": t.min_lr,
         "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
-        "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads,
+        "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads, "train.cpu_ranks": t.cpu_ranks,
         "train.sample_tokens": t.sample_tokens, "train.stop_at": t.stop_at,
         "train.peak_tflops": t.peak_tflops, "train.step_timeout_s": t.step_timeout_s,
     }
@@ -322,6 +324,18 @@ def resume_conflicts(saved: Config, requested: Config) -> list[str]:
         if was != now:
             conflicts.append(f"{key}={was} (asked {now})")
     return conflicts
+
+
+def batch_split(config: Config, world_size: int) -> tuple[int, int]:
+    """(rows per rank per micro-step, rows per micro-step across all ranks)."""
+    t = config.train
+    if t.scaling == "weak":
+        return t.batch_size, t.batch_size * world_size
+    if t.batch_size % world_size:
+        raise UserInputError(
+            f"train.batch_size={t.batch_size} is the global batch under strong scaling and must divide "
+            f"evenly over {world_size} ranks; use a multiple of {world_size} or train.scaling=weak")
+    return t.batch_size // world_size, t.batch_size
 
 
 def write_yaml(config: Config, path: Path) -> None:

@@ -99,11 +99,56 @@ def read_contract(env=os.environ) -> RankContract:
 
 
 def ranks_per_node(contract: RankContract, env=os.environ) -> int | None:
-    """How many ranks share this node: torchrun's LOCAL_WORLD_SIZE, or this srun step's tasks on
-    it (SLURM_STEP_TASKS_PER_NODE is `4` or `4(x2)`, the same on every node of a uniform step)."""
+    """How many ranks share this node: LOCAL_WORLD_SIZE (torchrun, submitit), or this srun step's
+    tasks on it (SLURM_STEP_TASKS_PER_NODE is `4` or `4(x2)`, the same on every node of a
+    uniform step); None for one process or a launch that says nothing."""
+    if contract.world_size == 1:
+        return 1
     text = env.get("LOCAL_WORLD_SIZE") if contract.launcher != "srun" else env.get("SLURM_STEP_TASKS_PER_NODE")
     head = (text or "").split("(")[0].split(",")[0]
     return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Threads:
+    count: int  # torch intra-op threads of this rank
+    source: str  # train.threads | OMP_NUM_THREADS | share
+    usable_cpus: int  # CPUs this process may run on (its affinity mask)
+    node_cpus: int
+    sharing_ranks: int  # ranks the CPUs are divided among
+
+    def reason(self) -> str:
+        if self.source != "share":
+            return f"from {self.source}"
+        return (f"the share of {self.usable_cpus} usable CPU(s) among {self.sharing_ranks} rank(s) on a "
+                f"{self.node_cpus}-CPU node")
+
+
+def thread_share(explicit: int, share_among: int, contract: RankContract, env=os.environ,
+                 usable_cpus: int | None = None, node_cpus: int | None = None) -> Threads:
+    """One rule for the threads of every rank, however it was started: train.threads, else
+    OMP_NUM_THREADS, else the rank's share of the CPUs it may use. The share divides this
+    process's CPUs among the ranks on its node when the process may use the whole node (they all
+    see the same CPUs), and is all of them when its affinity mask is narrower (a scheduler bound
+    the rank to its own cores); under Slurm it is at most the allocation (--cpus-per-task, or the
+    node's CPUs over its tasks). So there are never more threads than cores unless asked for.
+    share_among (train.cpu_ranks) divides as if that many ranks ran: a sweep sets its largest
+    size, so that every size runs the same threads per rank."""
+    usable = usable_cpus or len(os.sched_getaffinity(0))
+    node = node_cpus or os.cpu_count() or usable
+    ranks = share_among or ranks_per_node(contract, env) or 1
+    if explicit:
+        return Threads(explicit, "train.threads", usable, node, ranks)
+    omp = env.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return Threads(int(omp), "OMP_NUM_THREADS", usable, node, ranks)
+    share = usable // ranks if usable >= node else usable
+    per_task, on_node = env.get("SLURM_CPUS_PER_TASK", ""), env.get("SLURM_CPUS_ON_NODE", "")
+    if per_task.isdigit():
+        share = min(share, int(per_task))
+    elif on_node.isdigit():
+        share = min(share, int(on_node) // ranks)
+    return Threads(max(1, share), "share", usable, node, ranks)
 
 
 def preflight(contract: RankContract, env=os.environ, cuda_devices: int = 0) -> None:
@@ -202,13 +247,17 @@ def backend_name() -> str:
     return dist.get_backend() if is_initialized() else "none"
 
 
-def parallelize(model: torch.nn.Module, device: torch.device, compile_model: bool) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
+def parallelize(model: torch.nn.Module, device: torch.device, compile_model: bool,
+                comm_hook=None) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
     """The module that training calls, and its DDP wrapper when there is a process group (for
     no_sync). DDP goes inside torch.compile, so that compile splits the graph at DDP's bucket
-    boundaries and the all-reduce of one bucket overlaps the backward of the next."""
+    boundaries and the all-reduce of one bucket overlaps the backward of the next. comm_hook, if
+    given, all-reduces each bucket (profiling.AllReduceTimer.hook times them)."""
     ddp = None
     if is_initialized():
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if comm_hook is not None:
+            ddp.register_comm_hook(None, comm_hook)
         model = ddp
     return (torch.compile(model) if compile_model else model), ddp
 

@@ -77,6 +77,79 @@ class PhaseTimer:
         return report
 
 
+class AllReduceTimer:
+    """DDP's gradient all-reduce, timed bucket by bucket where it happens: a communication hook
+    that does what DDP's default one does (average each bucket over the ranks) and notes when the
+    bucket was ready and when its all-reduce finished, on the host clock, or with CUDA events on a
+    GPU (read when drained, at log steps). Per step it yields the time some all-reduce was in
+    flight, the part of it after the last bucket was ready (what backward had to wait for: the
+    communication not hidden behind computing gradients), and the bytes all-reduced."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple] = []  # (ready, done, bytes), floats or CUDA events
+        self.steps = 0
+        self.step_marks: list[int] = []  # len(self.spans) at each step's end
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def hook(self, group, bucket):
+        import torch.distributed as dist
+
+        tensor = bucket.buffer()
+        ready = self._now()
+        tensor.div_(dist.get_world_size(group))
+        future = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+        def finished(done_future):
+            self.spans.append((ready, self._now(), tensor.numel() * tensor.element_size()))
+            return done_future.value()[0]
+        return future.then(finished)
+
+    def step_done(self) -> None:
+        self.step_marks.append(len(self.spans))
+
+    def drain(self) -> dict[str, float] | None:
+        """Per step since the last drain: all-reduce ms in flight, ms exposed after the last
+        bucket, bytes, buckets; None when nothing was all-reduced (no DDP step, or no_sync)."""
+        if not self.spans or not self.step_marks:
+            return None
+        if self.cuda:
+            self.spans[-1][1].synchronize()
+            origin = self.spans[0][0]
+            spans = [(origin.elapsed_time(a) / 1000, origin.elapsed_time(b) / 1000, n) for a, b, n in self.spans]
+        else:
+            spans = self.spans
+        in_flight = exposed = 0.0
+        start = 0
+        for end in self.step_marks:
+            step = sorted(spans[start:end])
+            if step:
+                in_flight += union_seconds([(a, b) for a, b, _ in step])
+                exposed += max(0.0, max(b for _, b, _ in step) - max(a for a, _, _ in step))
+            start = end
+        steps = len(self.step_marks)
+        report = {"allreduce_ms": round(1000 * in_flight / steps, 3), "exposed_ms": round(1000 * exposed / steps, 3),
+                  "bytes": sum(n for _, _, n in spans) / steps, "buckets": len(spans) / steps}
+        self.spans, self.step_marks = self.spans[len(spans):], []
+        return report
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals, sorted by start."""
+    total, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 class LoopProfiler:
     """cProfile over the training loop only (not imports, eval, checkpointing or sampling),
     dumped per rank to <run>/profile/rank<R>.prof with a readable top-25 beside it."""

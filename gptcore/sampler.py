@@ -2,7 +2,10 @@
 
 Writes <run>/samples/node<R>.jsonl, one JSON object per sample: node CPU% and memory, CPU% and
 RSS of every training process on the node (this process and its siblings under the same
-launcher), and, where `nvidia-smi` exists, each GPU's utilization, memory, power and temperature.
+launcher, each with its child processes, such as torch.compile's workers), the CPU that every
+other process on the node took meanwhile (`others_cpu_pct`, % of the node: the load a shared
+node puts beside the run), and, where `nvidia-smi` exists, each GPU's utilization, memory, power
+and temperature. Per-process CPU is in % of one core; node-wide figures in % of all cores.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class Sampler:
         self.thread = threading.Thread(target=self._run, name="gptcore-sampler", daemon=True)
         self.nvidia_smi = shutil.which("nvidia-smi")
         self.host = socket.gethostname()
+        self.children: dict[int, psutil.Process] = {}
 
     def start(self) -> "Sampler":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,20 +128,36 @@ class Sampler:
             "time": time.time(),
             "host": self.host,
             "cpu_pct": psutil.cpu_percent(None),
+            "cpus": psutil.cpu_count(),
             "mem_used_mib": (memory.total - memory.available) / 2**20,
             "mem_total_mib": memory.total / 2**20,
             "procs": [],
         }
+        ours = 0.0
         for rank, process in self.processes:
             try:
                 with process.oneshot():
                     record["procs"].append({"rank": rank, "pid": process.pid, "cpu_pct": process.cpu_percent(None),
                                             "rss_mib": process.memory_info().rss / 2**20})
+                ours += record["procs"][-1]["cpu_pct"] + self.children_cpu(process)
             except psutil.Error:
                 continue
+        record["others_cpu_pct"] = others_cpu_pct(record["cpu_pct"], ours, psutil.cpu_count() or 1)
         if self.nvidia_smi:
             record["gpus"] = visible_gpus(query_gpus(self.nvidia_smi), os.environ.get("CUDA_VISIBLE_DEVICES"))
         return record
+
+    def children_cpu(self, process: psutil.Process) -> float:
+        """CPU % of one core that a rank's child processes took since the last sample (a child
+        seen for the first time starts its measurement now, and counts from the next sample)."""
+        total = 0.0
+        for child in process.children(recursive=True):
+            try:
+                known = self.children.setdefault(child.pid, child)
+                total += known.cpu_percent(None)
+            except psutil.Error:
+                continue
+        return total
 
     def _run(self) -> None:
         # The first cpu_percent call only starts the measurement; psutil keeps the node-wide
@@ -157,6 +177,12 @@ class Sampler:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=10)
+
+
+def others_cpu_pct(node_pct: float, ours_pct_of_core: float, cpus: int) -> float:
+    """The node's CPU use (% of all cores) that our processes do not account for: the load of
+    everyone else on the node, in % of the node."""
+    return max(0.0, node_pct - ours_pct_of_core / cpus)
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -23,13 +23,13 @@ import psutil
 import torch
 
 from gptcore import checkpoint, distributed, hardware, preemption
-from gptcore.config import Config, write_yaml
+from gptcore.config import Config, batch_split, write_yaml
 from gptcore.data import Batches, Shard, describe, resolve_data
 from gptcore.errors import TrainingFailure, UserInputError
 from gptcore.metrics import MetricsLog
 from gptcore.model import GPT, parameter_count
 from gptcore.preemption import requeue_slurm_job
-from gptcore.profiling import LoopProfiler, PhaseTimer, TorchProfilerWindow
+from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
 from gptcore.rundir import RunLock, claim, move_aside
 from gptcore.watchdog import Watchdog
 
@@ -47,18 +47,6 @@ def lr_at(step: int, config: Config) -> float:
     span = max(1, t.max_iters - t.warmup_iters)
     progress = min(1.0, (step - t.warmup_iters) / span)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - min_lr)
-
-
-def batch_split(config: Config, world_size: int) -> tuple[int, int]:
-    """(rows per rank per micro-step, rows per micro-step across all ranks)."""
-    t = config.train
-    if t.scaling == "weak":
-        return t.batch_size, t.batch_size * world_size
-    if t.batch_size % world_size:
-        raise UserInputError(
-            f"train.batch_size={t.batch_size} is the global batch under strong scaling and must divide "
-            f"evenly over {world_size} ranks; use a multiple of {world_size} or train.scaling=weak")
-    return t.batch_size // world_size, t.batch_size
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
@@ -193,14 +181,15 @@ class Trainer:
     def setup(self) -> None:
         config, contract = self.config, self.contract
         t = config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        self.threads = distributed.thread_share(t.threads, t.cpu_ranks, contract)
+        torch.set_num_threads(self.threads.count)
         self.device = distributed.choose_device(contract, t.device)
         set_numerics(t.deterministic, self.device)
         distributed.preflight(contract, cuda_devices=torch.cuda.device_count() if self.device.type == "cuda" else 0)
         distributed.init_process_group(contract, self.device, t.timeout_s, str(self.out_dir), t.single_rank_group)
         if contract.world_size > 1:  # every rank, so a multi-node log shows where each one ran
-            print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}", flush=True)
+            print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}: "
+                  f"{torch.get_num_threads()} thread(s), {self.threads.reason()}", flush=True)
         # One training per directory: every rank learns whether rank 0 got it before anything is read.
         refused = claim(self.lock, self.log) if self.is_main else None
         if distributed.any_rank(refused is not None, self.device):
@@ -230,7 +219,9 @@ class Trainer:
             self.start_step, self.best_val = self.checkpointer.restore(resume_state, self.model, self.optimizer,
                                                                        self.batches)
             self.log(f"resumed from {self.ckpt_path} at step {self.start_step}")
-        self.compute_model, self.ddp = distributed.parallelize(self.model, self.device, compiles(config, self.device))
+        self.comm = AllReduceTimer(self.device) if config.profile.comm else None
+        self.compute_model, self.ddp = distributed.parallelize(self.model, self.device, compiles(config, self.device),
+                                                               self.comm.hook if self.comm else None)
         dtype = autocast_dtype(config, self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext())
         self.dtype_name = str(dtype).replace("torch.", "") if dtype else "float32"
@@ -285,8 +276,10 @@ class Trainer:
         self.log(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * elapsed / steps:.1f} ms/step | "
                  f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
                  + f" | ETA {format_eta(eta)}")
+        comm = self.comm.drain() if self.comm else None
         metrics.write({"step": step, "loss": loss, "lr": lr, "ms_per_step": 1000 * elapsed / steps,
                        "tokens_per_s": tokens_per_s, **({"mfu": mfu} if mfu is not None else {}),
+                       **({"comm": comm} if comm else {}),
                        "world_size": contract.world_size, "phases_ms": timer.drain(), "time": time.time()})
         return loss
 
@@ -305,6 +298,11 @@ class Trainer:
                  f"dtype={self.dtype_name} backend={distributed.backend_name()} "
                  f"compile={'on' if compiles(self.config, self.device) else 'off'} "
                  f"deterministic={'on' if t.deterministic else 'off'}")
+        self.log(f"threads: {torch.get_num_threads()} per rank, {self.threads.reason()}")
+        metrics.write({"threads": self.threads.count, "threads_from": self.threads.source,
+                       "usable_cpus": self.threads.usable_cpus, "node_cpus": self.threads.node_cpus,
+                       "sharing_ranks": self.threads.sharing_ranks, "world_size": self.contract.world_size,
+                       "dtype": self.dtype_name, "host": socket.gethostname(), "time": time.time()})
         self.log(f"data: {describe(self.meta)}")
         peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, "
@@ -379,6 +377,8 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     diverged |= ~torch.isfinite(step_loss)
                     timer.step_done()
+                    if self.comm:
+                        self.comm.step_done()
                     with profiler.paused():
                         trace.after_step(step)
                     step += 1

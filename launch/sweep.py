@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: `python launch/sweep.py`
-    sys.path.insert(0, str(REPO))
+try:
+    from launch.bootstrap import REPO, ensure_environment  # imported as launch.sweep
+except ImportError:  # run as a script: python launch/sweep.py
+    from bootstrap import REPO, ensure_environment
+ensure_environment()
 
 from gptcore.cli import ArgumentParser  # noqa: E402  (after the sys.path fix)
 from gptcore.config import load_config  # noqa: E402
@@ -102,31 +104,37 @@ class Planned:
         return self.gpus * self.nodes
 
 
-def run_name(nodes: int, gpus: int, several_node_counts: bool) -> str:
+def run_name(nodes: int, gpus: int, several_node_counts: bool, repeat: int = 0) -> str:
     """n<ranks>, or n<ranks>-<nodes>x<gpus> when the sweep has several node counts (2 ranks can
-    then be 1 node x 2 GPUs or 2 nodes x 1 GPU)."""
-    return f"n{nodes * gpus}-{nodes}x{gpus}" if several_node_counts else f"n{nodes * gpus}"
+    then be 1 node x 2 GPUs or 2 nodes x 1 GPU); -r<k> for the k-th of several repeats."""
+    name = f"n{nodes * gpus}-{nodes}x{gpus}" if several_node_counts else f"n{nodes * gpus}"
+    return f"{name}-r{repeat}" if repeat else name
 
 
 def plan(config: str, overrides: list[str], sizes: list[int], node_counts: list[int], root: Path,
-         scaling: str | None) -> list[Planned]:
-    """One job per (nodes, GPUs per node) pair; validates every job's config here, before
-    anything is submitted."""
-    from gptcore.train import batch_split
+         scaling: str | None, repeats: int = 1) -> list[Planned]:
+    """One job per (nodes, GPUs per node) pair, the whole set `repeats` times, interleaved
+    (1,2,4,1,2,4: drifting load falls on every size alike); validates every job's config here,
+    before anything is submitted. Every size gets the threads per rank of the largest one
+    (train.cpu_ranks), as it gets one GPU per rank, so that sizes compare like with like."""
+    from gptcore.config import batch_split
 
-    if any(item.partition("=")[0].strip() == "out_dir" for item in overrides):
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "out_dir" in keys:
         raise UserInputError("the sweep chooses each run's out_dir; give --out DIR instead of out_dir=")
+    threads = [] if keys & {"train.threads", "train.cpu_ranks"} else [f"train.cpu_ranks={max(sizes)}"]
     jobs = []
-    for nodes in node_counts:
-        for gpus in sizes:
-            name = run_name(nodes, gpus, len(node_counts) > 1)
-            out_dir = root / name
-            if out_dir.exists() and any(out_dir.iterdir()):
-                raise UserInputError(f"{out_dir} already holds a run; choose another --out")
-            extra = [*PROFILE_OVERRIDES, *overrides, *([f"train.scaling={scaling}"] if scaling else []),
-                     f"out_dir={out_dir}"]
-            batch_split(load_config(config, extra), gpus * nodes)
-            jobs.append(Planned(f"sweep-{name}", gpus, nodes, out_dir, extra))
+    for repeat in range(1, repeats + 1):
+        for nodes in node_counts:
+            for gpus in sizes:
+                name = run_name(nodes, gpus, len(node_counts) > 1, repeat if repeats > 1 else 0)
+                out_dir = root / name
+                if out_dir.exists() and any(out_dir.iterdir()):
+                    raise UserInputError(f"{out_dir} already holds a run; choose another --out")
+                extra = [*PROFILE_OVERRIDES, *threads, *overrides, *([f"train.scaling={scaling}"] if scaling else []),
+                         f"out_dir={out_dir}"]
+                batch_split(load_config(config, extra), gpus * nodes)
+                jobs.append(Planned(f"sweep-{name}", gpus, nodes, out_dir, extra))
     return jobs
 
 
@@ -180,16 +188,20 @@ def job_state(job) -> str:
         return f"? ({type(err).__name__})"
 
 
-def status_rows(jobs: list[Planned]) -> list[tuple[str, ...]]:
-    """launch/monitor.py's row for each job, from submitit's state and the run's metrics."""
+def status_rows(jobs: list[Planned], cluster: str) -> list[tuple[str, ...]]:
+    """launch/monitor.py's row for each job: Slurm's own state, reason and elapsed time (a pending
+    job shows `PENDING (Resources)` and no time run), or the local process's state; progress from
+    the run's metrics."""
+    known = monitor.query_jobs() if cluster == "slurm" and any(p.job is not None for p in jobs) else {}
     rows = []
     for planned in jobs:
         if planned.job is None:
-            rows.append(("-", planned.name, "WAITING", "-", "-", "-", "-", "-"))
+            rows.append(("-", planned.name, "NOT SUBMITTED", "-", "-", "-", "-", "-"))
             continue
-        state = planned.outcome.split(":")[0].upper() if planned.outcome else job_state(planned.job)
-        elapsed = (planned.ended_at or time.monotonic()) - planned.submitted_at
-        job = monitor.Job(str(planned.job.job_id), planned.name, state, int(elapsed), str(REPO))
+        job = known.get(str(planned.job.job_id))
+        if job is None:
+            elapsed = (planned.ended_at or time.monotonic()) - planned.submitted_at
+            job = monitor.Job(str(planned.job.job_id), planned.name, job_state(planned.job), int(elapsed), str(REPO))
         rows.append(monitor.build_row(job, monitor.read_progress(planned.out_dir)))
     return rows
 
@@ -198,13 +210,14 @@ class StatusBoard:
     """Redraws the table in place on a terminal; in a log, prints it when it changes (at most
     every 15 s, or at once when a job changes state)."""
 
-    def __init__(self, stream=sys.stdout):
+    def __init__(self, cluster: str, stream=sys.stdout):
+        self.cluster = cluster
         self.stream = stream
         self.live = stream.isatty()
         self.drawn_lines, self.last_text, self.last_states, self.last_print = 0, "", None, 0.0
 
     def show(self, jobs: list[Planned]) -> None:
-        rows = status_rows(jobs)
+        rows = status_rows(jobs, self.cluster)
         text = monitor.format_table(rows)
         states = [row[2] for row in rows]
         if self.live:
@@ -263,6 +276,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sequential", action="store_true",
                         help="run one size at a time, so that sizes sharing a node do not disturb each "
                              "other's timings (always so with the local executor)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every size this many times, interleaved (1,2,4,1,2,4,...); the report pools "
+                             "them and its intervals narrow")
     parser.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
     parser.add_argument("--quantize", action="store_true",
                         help="chain slurm/quantize.sbatch after the 1-GPU job (afterok); Slurm only")
@@ -278,15 +294,19 @@ def prepare(args) -> tuple[list[Planned], str, str | None, Path]:
     node_counts = parse_sizes(args.nodes, "--nodes")
     if args.timeout_min < 1:
         raise UserInputError(f"--timeout-min must be at least 1, got {args.timeout_min}")
+    if args.repeats < 1:
+        raise UserInputError(f"--repeats must be at least 1, got {args.repeats}")
     cluster = pick_cluster(args.executor)
-    partition = args.partition
+    partition, args.cpus_per_task = args.partition, None
     if cluster == "slurm":
         partition, caps = slurm_nodes(args.partition)
         check_capacity(sizes, max(node_counts), partition, caps)
+        # The same CPUs per rank at every size: the share of a node's CPUs at the largest one.
+        args.cpus_per_task = max(1, min(cpus for cpus, _ in caps) // max(sizes))
     elif max(node_counts) > 1:
         raise UserInputError("the local executor runs on this machine only; use --nodes 1 or --executor slurm")
     root = Path(args.out or REPO / "runs" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    jobs = plan(args.config, args.overrides, sizes, node_counts, root, args.scaling)
+    jobs = plan(args.config, args.overrides, sizes, node_counts, root, args.scaling, args.repeats)
     if args.quantize:
         if cluster != "slurm":
             raise UserInputError("--quantize chains a Slurm job (slurm/quantize.sbatch); it needs --executor slurm")
@@ -313,7 +333,8 @@ def submit_one(planned: Planned, args, cluster: str, partition: str | None, root
     from launch.submit import submit
 
     planned.job = submit(args.config, planned.overrides, planned.gpus, planned.nodes, cluster,
-                         root / "submitit", planned.name, args.timeout_min, partition)
+                         root / "submitit", planned.name, args.timeout_min, partition,
+                         cpus_per_task=args.cpus_per_task, comment=f"{monitor.RUN_DIR_COMMENT}{planned.out_dir}")
     planned.submitted_at = time.monotonic()
 
 
@@ -328,7 +349,7 @@ def run(args) -> int:
     if args.dry_run:
         print_plan(jobs, cluster, partition, root, args)
         return 0
-    board = StatusBoard()
+    board = StatusBoard(cluster)
     try:
         for index, planned in enumerate(jobs):
             submit_one(planned, args, cluster, partition, root)

@@ -14,9 +14,9 @@ import torch
 from conftest import REPO, assert_one_line_error, run_metrics
 from gptcore.checkpoint import gather_rng_states, restore_rng_state
 from gptcore.config import load_config
-from gptcore.distributed import RankContract, preflight, read_contract
+from gptcore.distributed import RankContract, preflight, read_contract, thread_share
 from gptcore.errors import UserInputError
-from gptcore.train import batch_split
+from gptcore.config import batch_split
 
 # 20 steps on the CPU (gloo) even on a GPU machine, a loss logged at every one of them.
 TINY = ["--config", "tiny", "train.device=cpu", "train.log_interval=1", "train.sample_tokens=0"]
@@ -194,3 +194,30 @@ def test_preflight_finds_what_would_hang_before_the_ranks_meet():
             preflight(RankContract(0, 2, 0, "127.0.0.1", port, "srun"), {})
         preflight(RankContract(1, 2, 0, "127.0.0.1", port, "srun"), {})  # only rank 0 listens
         preflight(RankContract(0, 2, 0, "127.0.0.1", port, "torchrun"), {})  # torchrun's agent owns it
+
+
+def test_one_thread_rule_for_every_launcher():
+    two = RankContract(0, 2, 0, "127.0.0.1", 29500, "env")
+    local = {"LOCAL_WORLD_SIZE": "2"}  # torchrun and submitit say how many ranks share the node
+    # Explicit wins: train.threads, then OMP_NUM_THREADS (torchrun sets 1, users set their own).
+    assert thread_share(3, 0, two, {**local, "OMP_NUM_THREADS": "5"}, 2, 2).count == 3
+    assert thread_share(0, 0, two, {**local, "OMP_NUM_THREADS": "5"}, 2, 2).source == "OMP_NUM_THREADS"
+    # Every rank may use the whole node: the CPUs are split among the ranks on it.
+    assert thread_share(0, 0, two, local, 16, 16).count == 8
+    assert thread_share(0, 0, two, local, 2, 2).count == 1
+    assert thread_share(0, 0, RankContract(0, 4, 0, "h", 1, "env"), {"LOCAL_WORLD_SIZE": "4"}, 2, 2).count == 1
+    # A narrower affinity mask is the rank's own (a scheduler bound it to its cores).
+    assert thread_share(0, 0, two, local, 4, 16).count == 4
+    # Slurm's allocation caps the share: --cpus-per-task, or the node's CPUs over its tasks; the
+    # local test cluster advertises 8 CPUs on 2 real cores, and the real ones win.
+    srun = RankContract(0, 4, 0, "h", 1, "srun")
+    slurm = {"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "2"}
+    assert thread_share(0, 0, srun, slurm, 64, 64).count == 2
+    assert thread_share(0, 0, srun, slurm, 2, 2).count == 1
+    assert thread_share(0, 0, srun, {"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "8"}, 64, 64).count == 2
+    # A sweep holds threads per rank constant: its 1-rank run shares as if 4 ranks ran.
+    alone = RankContract()
+    assert thread_share(0, 0, alone, {}, 16, 16).count == 16
+    assert thread_share(0, 4, alone, {}, 16, 16).count == 4
+    share = thread_share(0, 4, alone, {}, 16, 16)
+    assert (share.source, share.sharing_ranks, share.node_cpus) == ("share", 4, 16)

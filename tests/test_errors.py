@@ -76,3 +76,17 @@ def test_truncated_checkpoint_and_prompt_outside_vocabulary(tmp_path, corpus):
 def test_usage_errors_are_one_line(capsys):
     assert_error(capsys, 2, "invalid choice", args=["frobnicate"])
     assert_error(capsys, 2, "--ckpt", args=["sample"])
+    assert "gptcore: error: gptcore" not in gptcore_here(capsys, "sample").stderr  # said once
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("sample", ["--tokens TOKENS", "characters to generate (default: 500)", "(default: auto)", "fresh seed"]),
+    ("eval", ["fixed validation batches (default: 20)", "rows per batch (default: 16)"]),
+    ("quantize", ["fixed val batches for the loss report; 0 skips (default: 20)"]),
+])
+def test_help_says_what_each_option_does_and_its_default(command, shown):
+    result = run_gptcore(command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for fragment in shown:
+        assert fragment in text, (fragment, text)

@@ -95,8 +95,8 @@ def reference_loss(corpus, tmp_path_factory) -> float:
 
 
 def rank_hosts(log: str) -> dict[int, str]:
-    """{rank: hostname} from the line each rank prints when it joins: `rank R/N on HOST`."""
-    return {int(rank): host for rank, host in re.findall(r"^rank (\d+)/2 on (\S+)$", log, re.M)}
+    """{rank: hostname} from the line each rank prints when it joins: `rank R/N on HOST: T thread(s), ...`."""
+    return {int(rank): host for rank, host in re.findall(r"^rank (\d+)/2 on (\S+?): \d+ thread", log, re.M)}
 
 
 def checkpoint_step(run_dir: Path) -> int:

@@ -4,10 +4,13 @@ timers in the metrics, a torch.profiler trace, and the hardware sampler finding 
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from analysis.runs import merged_profile, top_functions
@@ -74,3 +77,26 @@ def test_sampler_sees_both_ranks_and_says_once_that_there_is_no_nvidia_smi(profi
         assert "gpus" not in sample and 0 <= sample["cpu_pct"] <= 100 and sample["mem_used_mib"] > 0
         assert sorted(p["rank"] for p in sample["procs"]) == [0, 1]
         assert all(p["rss_mib"] > 50 for p in sample["procs"])
+
+
+def test_the_sampler_measures_the_load_other_processes_put_on_the_node(tmp_path):
+    """A process of known CPU use beside the sampler: its share of the node is what the sampler
+    reports as others' load, within a few percent (the rest is the machine's own background)."""
+    from gptcore.sampler import Sampler, read_samples
+
+    # Started through a shell that exits at once, so it is not a child of this process (a rank's
+    # children count as the rank's own load).
+    started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, timeout=10)
+    burner = psutil.Process(int(started.stdout))
+    try:
+        burner.cpu_percent(None)
+        sampler = Sampler(tmp_path, node_rank=0, interval=0.5).start()
+        time.sleep(4)
+        sampler.stop()
+        truth = burner.cpu_percent(None) / psutil.cpu_count()  # % of the node, over the same seconds
+    finally:
+        burner.kill()
+    samples = read_samples(tmp_path / "node0.jsonl")[1:]  # the first covers the sampler's start
+    others = statistics.median(sample["others_cpu_pct"] for sample in samples)
+    assert truth > 20 and abs(others - truth) < 6, (others, truth)

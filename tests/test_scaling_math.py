@@ -3,8 +3,11 @@ hand-made inputs whose answers can be worked out on paper."""
 
 import pytest
 
+import random
+import statistics
+
 from analysis import scaling
-from analysis.report import limits_paragraph
+from analysis.report import compare, limits_paragraph
 from gptcore.distributed import bus_bandwidth_gbps
 from gptcore.errors import UserInputError
 from gptcore.sampler import parse_nvidia_smi, visible_gpus
@@ -80,17 +83,75 @@ def test_projection_brackets_overlap():
     assert low == pytest.approx(40 / 55) and high == pytest.approx(40 / 45)
 
 
-def test_limits_name_the_biggest_excess():
+def row(world_size, step_ms, interval, efficiency, efficiency_interval, flags=(), **extra):
+    return {"world_size": world_size, "step_ms": step_ms, "step_ms_interval": interval, "ideal_step_ms": 40.0 / world_size,
+            "efficiency": efficiency, "efficiency_interval": efficiency_interval, "scaling": "strong",
+            "flags": list(flags), "samples": {}, **extra}
+
+
+def test_limits_name_the_biggest_excess_when_the_intervals_separate():
     report = {"runs": [
-        {"world_size": 1, "step_ms": 40.0, "ideal_step_ms": 40.0, "efficiency": 1.0, "scaling": "strong",
-         "samples": {}},
-        {"world_size": 4, "step_ms": 20.0, "ideal_step_ms": 10.0, "efficiency": 0.5, "scaling": "strong",
-         "excess_ms": {"backward": 8.0, "optimizer": 2.0, "forward": -0.5}, "samples": {"node0": {"node_cpu_pct": 97.0}}},
+        row(1, 40.0, (39.0, 41.0), 1.0, (1.0, 1.0)),
+        row(4, 20.0, (19.5, 20.5), 0.5, (0.47, 0.53), excess_ms={"backward": 8.0, "optimizer": 2.0, "forward": -0.5},
+            samples={"node0": {"node_cpu_pct": 97.0}}, comm_measured={"allreduce_ms": 6.0, "exposed_ms": 4.5}),
     ]}
     text = limits_paragraph(report)
-    assert "efficiency of 50%" in text
+    assert "efficiency of 50% (interval 47-53%)" in text
     assert text.index("gradient all-reduce") < text.index("optimizer step")
-    assert "+8.0 ms (80% of the time added" in text and "97% busy" in text
+    assert "+8.0 ms (80% of the time added" in text and "97% busy" in text and "by this run's own ranks" in text
+    assert "took 6.0 ms per step, 4.5 ms of it after the last bucket was ready" in text
+
+
+def test_a_difference_within_the_noise_is_called_so():
+    report = {"runs": [row(1, 40.0, (30.0, 50.0), 1.0, (1.0, 1.0)),
+                       row(2, 22.0, (15.0, 29.0), 0.91, (0.7, 1.2), excess_ms={"backward": 2.0})]}
+    text = limits_paragraph(report)
+    assert "within the measurement's noise of ideal" in text and "lost time goes" not in text
+
+
+def test_flagged_sizes_get_what_to_change_instead_of_an_explanation():
+    shared = {"kind": "shared", "text": "node shared: other processes used 35% of its CPU while this size ran",
+              "fix": "rerun on a quiet node"}
+    report = {"runs": [row(1, 40.0, (39.0, 41.0), 1.0, (1.0, 1.0)),
+                       row(2, 60.0, (58.0, 62.0), 0.33, (0.32, 0.35), flags=[shared], excess_ms={"backward": 30.0},
+                           samples={"node0": {"node_cpu_pct": 99.0}})]}
+    text = limits_paragraph(report)
+    assert "No conclusion is drawn from these numbers: at 2 rank(s), node shared: other processes used 35%" in text
+    assert "To get one: rerun on a quiet node." in text
+    assert "competed for cores" not in text and "lost time goes" not in text  # others' load is never ours
+
+
+def windows_row(world_size, windows, **extra):
+    base = {"world_size": world_size, "nodes": 1, "scaling": "strong", "windows": len(windows), "window_ms": windows,
+            "step_ms": statistics.median(windows), "phases_ms": {}, "samples": {}, "sampled": False,
+            "others_cpu_pct": None, "threads": 1, "node_cpus": 2, "ranks_per_node": world_size}
+    return {**base, **extra}
+
+
+def test_thin_data_above_ideal_and_oversubscription_are_flagged():
+    steady = [10.0, 10.2, 9.9, 10.1, 10.0, 9.8, 10.3]
+    rows = [windows_row(1, [20.0 + w / 100 for w in steady]), windows_row(2, [8.0, 8.1]),
+            windows_row(2, [w / 2.5 for w in steady], threads=2, others_cpu_pct=25.0, sampled=True,
+                        samples={"node0": {"samples": 2}})]
+    compare(rows)
+    kinds = [[flag["kind"] for flag in r["flags"]] for r in rows]
+    assert kinds[0] == []
+    assert "thin" in kinds[1] and "above ideal" in kinds[1]  # 2 windows; 20 / (2 x 8) = 125%
+    assert rows[1]["efficiency_interval"][0] > 1.0
+    assert set(kinds[2]) == {"thin", "shared", "oversubscribed", "above ideal"}
+    texts = " ".join(flag["text"] for flag in rows[2]["flags"])
+    assert "only 2 hardware sample(s)" in texts and "2 rank(s) x 2 thread(s) on 2 core(s)" in texts
+
+
+def test_intervals_narrow_with_more_windows_and_are_seeded():
+    rng = random.Random(4)
+    few = [10 + rng.gauss(0, 1) for _ in range(6)]
+    many = few + [10 + rng.gauss(0, 1) for _ in range(42)]
+    width = [high - low for low, high in (scaling.median_interval(few), scaling.median_interval(many))]
+    assert width[1] < width[0]
+    assert scaling.median_interval(few) == scaling.median_interval(few)  # the same report twice
+    low, high = scaling.ratio_interval([20.0] * 5, [10.0] * 5)
+    assert low == high == 2.0
 
 
 def test_nvidia_smi_rows_and_the_jobs_own_gpus():

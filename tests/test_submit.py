@@ -68,3 +68,26 @@ def test_both_executors_are_asked_for_one_gpu_per_task():
     slurm = executor_parameters("slurm", 4, 2, "job", 10, "gpu", env={"CUDA_VISIBLE_DEVICES": "3"})
     assert (slurm["gpus_per_node"], slurm["nodes"], slurm["slurm_partition"]) == (4, 2, "gpu")
     assert "visible_gpus" not in slurm
+
+
+def test_each_local_rank_takes_its_share_of_the_cores(tmp_path, corpus):
+    """submitit's local executor starts every rank with all the machine's cores in view: without
+    a rule each would run a thread per core and they would fight over them."""
+    env = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "launch/submit.py", "--config", "tiny", "--gpus", "2", "--executor",
+                             "local", "--folder", str(tmp_path), "--job-name", "test-submit-threads",
+                             f"data.path={corpus}", "train.device=cpu", "train.threads=0", "train.sample_tokens=0",
+                             "train.max_iters=10"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out_dir = Path(result.stdout.strip().splitlines()[-1])
+    try:
+        job_id = out_dir.name.rpartition("-")[2]
+        threads = []
+        for rank in (0, 1):
+            log = (tmp_path / job_id / f"{job_id}_{rank}_log.out").read_text()
+            line = next(line for line in log.splitlines() if line.startswith(f"rank {rank}/2 on "))
+            threads.append(int(line.split(": ")[1].split()[0]))  # torch.get_num_threads() inside the rank
+            assert "the share of" in line and "among 2 rank(s)" in line, line
+        assert sum(threads) <= len(os.sched_getaffinity(0)), threads
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)

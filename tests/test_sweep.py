@@ -47,11 +47,13 @@ def sweep(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def report_rows(report_md: Path) -> list[list[str]]:
-    """The cells of the Scaling table."""
-    section = report_md.read_text().split("## Scaling")[1].split("##")[0]
-    return [[cell.strip() for cell in line.strip("|").split("|")]
-            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ranks")]
+def report_rows(report_md: Path) -> list[dict[str, str]]:
+    """The rows of the Scaling table (Step time, for one size), each {column header: cell}."""
+    text = report_md.read_text()
+    section = text.split("## Scaling" if "## Scaling" in text else "## Step time")[1].split("##")[0]
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ")]
+    return [dict(zip(lines[0], cells)) for cells in lines[1:]]
 
 
 def recomputed_step_ms(records: list[dict]) -> float:
@@ -91,6 +93,55 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_repeats_interleave_the_sizes(tmp_path):
+    result = sweep("--gpus", "1,2", "--executor", "local", "--repeats", "2", "--dry-run", "--out", tmp_path / "s", *TRAIN)
+    assert result.returncode == 0, result.stderr
+    names = [line.split(":")[0].strip() for line in result.stdout.splitlines()[1:-1]]
+    assert names == ["sweep-n1-r1", "sweep-n2-r1", "sweep-n1-r2", "sweep-n2-r2"]
+
+
+def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_it(tmp_path, corpus):
+    """A CPU-burning process, not the job's, starts when the 2-rank size does and stops with it."""
+    out = tmp_path / "sweep"
+    process = subprocess.Popen(
+        sweep_command("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
+                      "train.max_iters=200", "train.log_interval=10"),
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    burner = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "n2" / "metrics.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True, timeout=10)
+        burner = psutil.Process(int(started.stdout))
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+        if burner is not None:
+            burner.kill()
+    assert process.returncode == 0, stdout + stderr
+    report = json.loads((out / "report" / "report.json").read_text())
+    one, two = report["runs"]
+    assert not one["flags"], one["flags"]
+    assert "shared" in [flag["kind"] for flag in two["flags"]] and two["others_cpu_pct"] > 10
+    text = (out / "report" / "report.md").read_text()
+    assert "No conclusion is drawn from these numbers: at 2 rank(s), node shared: other processes used" in text
+    assert "lost time goes" not in text and "competed for cores" not in text
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="oversubscribes only a machine of 2 cores")
+def test_ranks_asking_for_more_threads_than_the_node_has_cores_are_flagged(tmp_path, corpus):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN, "train.threads=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    one, two = json.loads((out / "report" / "report.json").read_text())["runs"]
+    assert (one["threads"], two["threads"], two["node_cpus"]) == (2, 2, 2)
+    assert "oversubscribed" not in [flag["kind"] for flag in one["flags"]]
+    assert "oversubscribed" in [flag["kind"] for flag in two["flags"]]
+    assert "2 rank(s) x 2 thread(s) on 2 core(s)" in (out / "report" / "report.md").read_text()
+
+
 def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_gpus):
     out = tmp_path / "sweep"
     result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
@@ -99,8 +150,9 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
     assert result.stdout.splitlines()[-1] == f"report: {out}/report/report.md"
     assert "sweep-n2" in result.stdout and "40/40" in result.stdout  # the status table
     rows = report_rows(out / "report" / "report.md")
-    assert [row[0] for row in rows] == ["1", "2"]
-    assert rows[0][3] == "1.00x" and rows[0][5] == "100%"
+    assert [row["ranks"] for row in rows] == ["1", "2"]
+    assert rows[0]["speedup"].startswith("1.00x") and rows[0]["efficiency"].startswith("100%")
+    assert [row["threads/rank"] for row in rows] == ["1", "1"]  # the same for every size (train.cpu_ranks)
     samples = [json.loads(line) for line in (out / "n2" / "samples" / "node0.jsonl").read_text().splitlines()]
     assert all(sample["gpus"][0]["util_pct"] == 87.0 for sample in samples)
     assert "gpu0 87% / 31,245 of 81,559 MiB" in (out / "report" / "report.md").read_text()
@@ -155,7 +207,7 @@ def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path
     assert process.returncode == 1, stdout + stderr
     assert "sweep: job sweep-n2" in stderr and "failed" in stderr and "last lines of its log" in stderr
     assert stdout.splitlines()[-1] == f"report: {out}/report/report.md"
-    assert [row[0] for row in report_rows(out / "report" / "report.md")] == ["1"]
+    assert [row["ranks"] for row in report_rows(out / "report" / "report.md")] == ["1"]
 
 
 slurm = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
@@ -181,8 +233,12 @@ def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     assert result.returncode == 0, result.stdout + result.stderr
     report_dir = out / "report"
     assert result.stdout.splitlines()[-1] == f"report: {report_dir}/report.md"
+    # The live table shows Slurm's own states, never ones made up by the sweep.
+    states = {line.split()[2] for line in result.stdout.splitlines() if line.split()[1:2] and
+              line.split()[1].startswith("sweep-n")}
+    assert "COMPLETED" in states and not states & {"UNKNOWN", "DONE"}, result.stdout
     rows = report_rows(report_dir / "report.md")
-    assert [row[0] for row in rows] == ["1", "2", "4"]
+    assert [row["ranks"] for row in rows] == ["1", "2", "4"]
     for name in ("speedup", "efficiency", "phases", "loss", "utilization"):
         assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -193,7 +249,7 @@ def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     assert two["step_ms"] == pytest.approx(step_ms_2)
     assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
     assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
-    assert rows[1][1] == f"{step_ms_2:.2f}"
+    assert rows[1]["step ms"] == f"{step_ms_2:.2f}"
     assert one["final_loss"] == pytest.approx(run_metrics(out / "n1")[-2]["loss"])
 
     # Every rank profiled; the merged top list is the training step, not imports.

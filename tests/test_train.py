@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA, assert_one_line_error, run_metrics, run_gptcore, step_losses
+from conftest import assert_one_line_error, run_metrics, run_gptcore, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,12 @@ def test_train_writes_run_dir_progress_and_a_sample(trained):
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
     assert all(set(r["phases_ms"]) >= {"data", "forward", "backward", "optimizer"} for r in records if "loss" in r)
     assert records[-1]["eval"] and records[-1]["val_loss"] < 3.5  # learned something from log(vocab) ~ 3.3+
+    # It ends with what it did, where the model is and what to run next.
+    done = out.strip().splitlines()[-4:]
+    assert done[0].startswith("done: 20 steps in ") and f"checkpoint {run_dir / 'ckpt.pt'}" in done[0]
+    assert f"best val loss {records[-1]['val_loss']:.4f}" in done[0]
+    assert done[1] == f'next: gptcore sample --ckpt {run_dir / "ckpt.pt"} --prompt "..." --tokens 300'
+    assert "gptcore quantize --ckpt" in done[2] and f"python -m analysis.report {run_dir}" in done[3]
 
 
 def test_sample_and_eval_from_the_checkpoint(trained):
@@ -37,7 +43,13 @@ def test_sample_and_eval_from_the_checkpoint(trained):
     second = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30", "--seed", "3")
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("The king")
-    assert len(first.stdout.rstrip("\n")) == len("The king") + 30
+    assert "--seed 3 repeats it" in first.stderr
+    # Without --seed each sample is new, and says how to get it again.
+    fresh = [run_gptcore("sample", "--ckpt", ckpt, "--tokens", "60") for _ in range(2)]
+    assert fresh[0].stdout != fresh[1].stdout
+    seed = fresh[0].stderr.split("--seed ")[1].split()[0]
+    assert run_gptcore("sample", "--ckpt", ckpt, "--tokens", "60", "--seed", seed).stdout == fresh[0].stdout
+    assert len(first.stdout) == len("The king") + 30 + len("\n")  # the text, then print's newline
     assert "tokens/s" in first.stderr and "KV cache" in first.stderr
     evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -83,8 +95,11 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpu
     assert (run_dir / "ckpt.pt").read_bytes() == good
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
-def test_tiny_shakespeare_run(tmp_path):
-    result = run_gptcore("train", "--config", "tiny", f"data.path={SHARED_DATA}", f"out_dir={tmp_path / 't'}")
+def test_the_default_corpus_trains_without_a_path(tmp_path):
+    """data.path's default, the corpus env/setup.sh downloads: no file of the user's needed."""
+    from gptcore.data import corpus_dir, read_meta
+
+    result = run_gptcore("train", "--config", "tiny", "train.device=cpu", f"out_dir={tmp_path / 't'}")
     assert result.returncode == 0, result.stderr
-    assert "vocab 65 chars" in result.stdout
+    meta = read_meta(corpus_dir("shakespeare", "none"))
+    assert f"vocab {meta['vocab_size']} chars, train {meta['train_tokens']:,} tokens" in result.stdout
