@@ -2,6 +2,7 @@
 
     python -m analysis.report runs/sweep/n1 runs/sweep/n2 runs/sweep/n4 --out runs/sweep/report
     python -m analysis.report runs/cpu --out runs/cpu/report         # one run: its own report
+    python -m analysis.report runs/sweep/n* --out runs/sweep/report --tensorboard runs/sweep/tb
 
 Each RUN_DIR is a finished `gptcore train` output directory (config.yaml, metrics.jsonl, and when
 profiling was on, profile/rank*.prof and samples/node*.jsonl). Runs of the same size (ranks and
@@ -25,10 +26,12 @@ import sys
 from pathlib import Path
 
 from analysis import plots, scaling
-from analysis.runs import Run, gradient_bytes, load_run, merged_profile, summarize_samples, top_functions
+from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
 from gptcore.checkpoint import atomic_write_bytes
 from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
+from gptcore.metrics import read_metrics
+from gptcore.sampler import summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
 MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together
@@ -507,16 +510,38 @@ def write_report(runs: list[Run], out_dir: Path, warmup_fraction: float = 0.1) -
     return out_dir / "report.md"
 
 
+def write_tensorboard(runs: list[Run], log_dir: Path) -> None:
+    """Every run's metrics (and node 0's hardware samples) as one TensorBoard log directory, a
+    subdirectory per run, so that `tensorboard --logdir DIR` overlays the sizes of a sweep."""
+    from gptcore.sinks import TensorBoardSink
+
+    targets = {run.path: log_dir / run.path.name for run in runs}
+    if len(set(targets.values())) < len(targets):
+        raise UserInputError("--tensorboard needs run directories with distinct names")
+    if taken := [str(target) for target in targets.values() if target.exists()]:
+        raise UserInputError(f"{taken[0]} already exists; choose a new --tensorboard directory")
+    for run in runs:
+        sink = TensorBoardSink(targets[run.path], None, run.path / "samples" / "node0.jsonl", live=False)
+        for record in read_metrics(run.path / "metrics.jsonl"):
+            sink.write(record)
+        sink.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (each with config.yaml and metrics.jsonl)")
     parser.add_argument("--out", required=True, help="directory for report.md, report.json and the plots")
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps dropped as warm-up")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also write the runs as one TensorBoard log directory (a subdirectory per run)")
     try:
         args = parser.parse_args(argv)
         if not 0 <= args.warmup < 1:
             raise UserInputError(f"--warmup must be in [0, 1), got {args.warmup}")
-        path = write_report([load_run(run) for run in args.runs], Path(args.out), args.warmup)
+        runs = [load_run(run) for run in args.runs]
+        path = write_report(runs, Path(args.out), args.warmup)
+        if args.tensorboard:
+            write_tensorboard(runs, Path(args.tensorboard))
     except GptcoreError as err:
         print(f"analysis: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -56,15 +57,42 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
+def fsync_directory(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(payload))
+def write_new_directory(path: Path, files: dict[str, bytes]) -> None:
+    """A directory of files that appears whole or not at all: written and fsynced under a
+    temporary name beside path, then renamed to it. An existing path is refused, never merged."""
+    path = Path(path)
+    if path.exists():
+        raise UserInputError(f"{path} already exists; choose a new --out directory (nothing was written)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())
+        for name, payload in files.items():
+            with open(tmp / name, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+        fsync_directory(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def save(state: dict, path: Path) -> None:
@@ -89,22 +117,29 @@ def damaged_record(path: Path) -> str | None:
     return f"{bad} does not match the CRC-32 stored for it" if bad else None
 
 
-def load(path: Path, expected_format: str | None = None) -> dict:
-    """Read a checkpoint or raise one clear UserInputError (missing, truncated, foreign, damaged)."""
+def read_archive(path: Path) -> object:
+    """What torch.save wrote to path, read without running pickle code, or one clear
+    UserInputError (missing, truncated, damaged, or wanting to run code)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{path} is a directory{foreign_directory(path)}")
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist; train a model first or check the path")
     unreadable = ("checkpoint {path} cannot be read (truncated, corrupt or not a gptcore checkpoint: {reason}); "
                   "use another checkpoint or retrain")
+    if is_safetensors(path):
+        raise UserInputError(f"{path} is a safetensors file, which holds weights without a model config or "
+                             "vocabulary; gptcore reads gptcore checkpoints (for a Hugging Face export, load its "
+                             "directory with transformers)")
     try:
         damaged = damaged_record(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # gptcore writes zip archives only
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # torch.save writes zip archives only
         raise UserInputError(unreadable.format(path=path, reason=str(err)[:160] or type(err).__name__)) from None
     if damaged:
         raise UserInputError(f"checkpoint {path} fails its integrity check ({damaged}): the file is damaged; "
                              "use another checkpoint or retrain")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
         text = str(err).strip()
         unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
@@ -114,6 +149,31 @@ def load(path: Path, expected_format: str | None = None) -> dict:
                                  "written by `gptcore train` or `gptcore quantize`") from None
         reason = text.splitlines()[0][:160] if text else type(err).__name__
         raise UserInputError(unreadable.format(path=path, reason=reason)) from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """safetensors files start with the 8-byte length of a JSON header, which opens with '{'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+def foreign_directory(path: Path) -> str:
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return (", a Hugging Face model; gptcore reads its own checkpoints: load this one with transformers "
+                "(AutoModelForCausalLM.from_pretrained), or pass the ckpt.pt it was exported from")
+    if (path / "ckpt.pt").is_file():
+        return f"; pass the checkpoint inside it: --ckpt {path / 'ckpt.pt'}"
+    return "; pass a checkpoint file (ckpt.pt)"
+
+
+def load(path: Path, expected_format: str | None = None) -> dict:
+    """Read a gptcore checkpoint or raise one clear UserInputError, which names what a foreign
+    file is (a nanoGPT checkpoint, a Hugging Face directory, safetensors) and how to convert it."""
+    state = read_archive(path)
+    if isinstance(state, dict) and "model_args" in state and "model" in state:
+        raise UserInputError(f"{path} is a nanoGPT checkpoint; convert it first: gptcore import --nanogpt {path} "
+                             f"--meta data/<dataset>/meta.pkl --out ckpt.pt")
     if not isinstance(state, dict) or "format" not in state:
         raise UserInputError(f"{path} is not a gptcore checkpoint; pass a ckpt.pt written by `gptcore train`")
     if expected_format and state["format"] != expected_format:

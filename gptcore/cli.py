@@ -1,4 +1,4 @@
-"""`gptcore` command line: prepare | train | sample | eval | quantize.
+"""`gptcore` command line: prepare | train | sample | eval | quantize | export | import.
 
     gptcore prepare --data shakespeare
     gptcore train --config cpu out_dir=runs/cpu
@@ -86,6 +86,9 @@ def cmd_train(args) -> None:
             print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
             print(text.strip("\n"))
             print("---")
+            from gptcore.sinks import add_sample_text
+
+            add_sample_text(config, result.out_dir, result.final_step, text)
         if finished and trainer.is_main:
             print(training_summary(result, trainer.best_val, trainer.ckpt_path, format_eta(time.monotonic() - started)))
 
@@ -138,8 +141,20 @@ def cmd_quantize(args) -> None:
     quantize_command(args)
 
 
+def cmd_export(args) -> None:
+    from gptcore.convert import export_command
+
+    export_command(args)
+
+
+def cmd_import(args) -> None:
+    from gptcore.convert import import_command
+
+    import_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="gptcore", description="Train, sample, evaluate and quantize a character-level GPT.")
+    parser = ArgumentParser(prog="gptcore", description="Train, sample, evaluate, quantize and convert a character-level GPT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("prepare", help="text file or corpus name -> train.bin, val.bin, meta.json")
@@ -191,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the decode speed")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory or a nanoGPT checkpoint")
+    p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train or import")
+    p.add_argument("--format", required=True, choices=["hf", "nanogpt"],
+                   help="hf: config.json, model.safetensors and a tokenizer for transformers; "
+                        "nanogpt: ckpt.pt and meta.pkl")
+    p.add_argument("--out", required=True, help="a new directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a nanoGPT checkpoint as a gptcore one")
+    p.add_argument("--nanogpt", required=True, help="nanoGPT's ckpt.pt (e.g. out-shakespeare-char/ckpt.pt)")
+    p.add_argument("--meta", default=None, help="its vocabulary, nanoGPT's data/<dataset>/meta.pkl")
+    p.add_argument("--out", required=True, help="the gptcore checkpoint to write (a new file)")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

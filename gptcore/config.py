@@ -83,6 +83,14 @@ class ProfileConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: str = "auto"  # event files in RUN_DIR/tb/; auto: on where the tensorboard package is installed
+    wandb: str = "off"  # off | offline (compute nodes without internet: `wandb sync` later) | online
+    wandb_project: str = "gptcore"
+    run_name: str = ""  # the W&B run's name; empty: the run directory's name (and the Slurm job id)
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     resume: str = "never"  # never | auto
@@ -90,6 +98,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,10 +111,12 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "train.compile": ("auto", "true", "false"),
+    "log.tensorboard": ("auto", "true", "false"),
+    "log.wandb": ("off", "offline", "online"),
 }
 
 
-SECTIONS = ("model", "data", "train", "profile")
+SECTIONS = ("model", "data", "train", "profile", "log")
 MAX_LAYERS = 1000  # deeper than any GPT trained; bounds the time to build a model from a header
 # What a checkpoint's weights are laid out for: a resumed run must keep them.
 ARCHITECTURE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
@@ -154,8 +165,8 @@ def parse_value(key: str, raw, kind: type):
             raise UserInputError(f"config key {key} needs a number, got {shown(raw)}") from None
     if not isinstance(raw, (str, int, float, bool)):
         raise UserInputError(f"config key {key} needs a single value, got {shown(raw)}")
-    if isinstance(raw, bool):  # YAML's `compile: true` for a key that also takes auto
-        return "true" if raw else "false"
+    if isinstance(raw, bool):  # YAML reads true/false (and on/off) as booleans: `compile: true`, `wandb: off`
+        return ("off", "on")[raw] if "off" in CHOICES.get(key, ()) else ("false", "true")[raw]
     return str(raw)
 
 

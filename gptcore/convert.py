@@ -1,7 +1,11 @@
 """Checkpoints in, checkpoints out: `gptcore quantize` writes an int8, int4 or bf16 copy of a
-trained model and measures what it costs and gains, on the same batches and the same device.
+trained model and measures what it costs and gains, on the same batches and the same device;
+`gptcore export` writes a model for Hugging Face transformers or nanoGPT, `gptcore import` reads
+a nanoGPT one.
 
     gptcore quantize --ckpt runs/cpu/ckpt.pt --mode int8 --out runs/cpu/ckpt_int8.pt
+    gptcore export --ckpt runs/cpu/ckpt.pt --format hf --out runs/cpu/hf
+    gptcore import --nanogpt out-shakespeare-char/ckpt.pt --meta data/shakespeare_char/meta.pkl --out ckpt.pt
 
 The report (printed, and saved beside the output as .json): file sizes, val loss and bits/char
 before and after, and batch-1 decode tokens/s with the memory bandwidth it implies.
@@ -109,3 +113,36 @@ def quantize_command(args) -> None:
     for line in describe(report):
         print(line)
     print(f"report  {report_path}")
+
+
+def export_command(args) -> None:
+    from gptcore import hf, nanogpt
+
+    loaded = load_model(args.ckpt, "cpu")
+    if loaded.kind != "fp32":
+        raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export writes full-precision weights only: "
+                             "export the fp32 ckpt.pt it was quantized from")
+    state = {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
+    model, vocab = loaded.config.model, loaded.tokenizer.vocab
+    if args.format == "hf":
+        files = hf.hf_directory(state, model, vocab)
+        use = f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and AutoTokenizer.from_pretrained({str(args.out)!r})"
+    else:
+        raw = checkpoint.load(args.ckpt)
+        files = nanogpt.nanogpt_files(state, model, vocab, Path(loaded.config.data.path).stem or "gptcore",
+                                      int(raw.get("step", 0)), float(raw.get("best_val_loss", float("inf"))))
+        use = f"nanoGPT's sample.py --out_dir={args.out} (it reads meta.pkl from data/<dataset>/: copy it there)"
+    checkpoint.write_new_directory(Path(args.out), files)
+    print(f"wrote {args.out} ({args.format}: {', '.join(files)}); load it with {use}")
+
+
+def import_command(args) -> None:
+    from gptcore import nanogpt
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+    state, described = nanogpt.import_checkpoint(Path(args.nanogpt), Path(args.meta) if args.meta else None)
+    checkpoint.save(state, out)
+    print(f"wrote {out} from {args.nanogpt}: {described}")
+    print(f"next: gptcore sample --ckpt {out} --prompt \"...\" | gptcore eval --ckpt {out} --data TEXT")

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -191,3 +192,34 @@ def read_samples(path: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+
+def summarize_samples(samples: list[dict]) -> dict:
+    """Medians and peaks of one node's sampler timeline."""
+    if not samples:
+        return {}
+    summary = {
+        "samples": len(samples),
+        "node_cpu_pct": statistics.median(s["cpu_pct"] for s in samples),
+        "node_mem_used_mib": max(s["mem_used_mib"] for s in samples),
+    }
+    others = [s["others_cpu_pct"] for s in samples if "others_cpu_pct" in s]
+    if others:
+        summary["others_cpu_pct"] = statistics.median(others)
+    ranks: dict[int, list[dict]] = {}
+    for sample in samples:
+        for proc in sample.get("procs", []):
+            ranks.setdefault(proc.get("rank"), []).append(proc)
+    summary["ranks"] = {str(rank): {"cpu_pct": statistics.median(p["cpu_pct"] for p in procs),
+                                    "rss_peak_mib": max(p["rss_mib"] for p in procs)}
+                        for rank, procs in sorted(ranks.items(), key=lambda item: str(item[0]))}
+    gpus: dict[int, list[dict]] = {}
+    for sample in samples:
+        for gpu in sample.get("gpus", []):
+            gpus.setdefault(gpu["index"], []).append(gpu)
+    if gpus:
+        summary["gpus"] = {str(index): {
+            "util_pct": statistics.median(g["util_pct"] for g in rows if g["util_pct"] is not None),
+            "mem_peak_mib": max(g["mem_used_mib"] or 0.0 for g in rows),
+            "mem_total_mib": max(g["mem_total_mib"] or 0.0 for g in rows),
+        } for index, rows in sorted(gpus.items()) if any(g["util_pct"] is not None for g in rows)}
+    return summary

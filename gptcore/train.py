@@ -26,16 +26,16 @@ from gptcore import checkpoint, distributed, hardware, preemption
 from gptcore.config import Config, batch_split, write_yaml
 from gptcore.data import Batches, Shard, describe, resolve_data
 from gptcore.errors import TrainingFailure, UserInputError
-from gptcore.metrics import MetricsLog
 from gptcore.model import GPT, parameter_count
 from gptcore.preemption import requeue_slurm_job
 from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
 from gptcore.rundir import RunLock, claim, move_aside
+from gptcore.sinks import RunLog, check_sinks, open_run_log
 from gptcore.watchdog import Watchdog
 
 CHECKPOINT_NAME = "ckpt.pt"
 # What a run writes into its directory besides the checkpoint; a fresh run moves an earlier one's aside.
-EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang")
+EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang", "tb", "wandb", "wandb_run_id")
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -181,6 +181,7 @@ class Trainer:
     def setup(self) -> None:
         config, contract = self.config, self.contract
         t = config.train
+        check_sinks(config)
         self.threads = distributed.thread_share(t.threads, t.cpu_ranks, contract)
         torch.set_num_threads(self.threads.count)
         self.device = distributed.choose_device(contract, t.device)
@@ -265,7 +266,7 @@ class Trainer:
         return losses
 
     def _log_window(self, step: int, step_loss: torch.Tensor, lr: float, timer: PhaseTimer,
-                    clock: StepClock, metrics: MetricsLog, watchdog: Watchdog) -> float:
+                    clock: StepClock, metrics: RunLog, watchdog: Watchdog) -> float:
         """The log line and metrics record of the steps since the last one; the loss, averaged over ranks."""
         t, contract = self.config.train, self.contract
         loss = distributed.all_reduce_mean(step_loss.float()).item()
@@ -283,7 +284,7 @@ class Trainer:
                        "world_size": contract.world_size, "phases_ms": timer.drain(), "time": time.time()})
         return loss
 
-    def _evaluate_and_log(self, step: int, metrics: MetricsLog) -> float:
+    def _evaluate_and_log(self, step: int, metrics: RunLog) -> float:
         losses = self.evaluate()
         self.best_val = min(self.best_val, losses["val"])
         bpc = losses["val"] / math.log(2)
@@ -292,7 +293,7 @@ class Trainer:
                        "val_bpc": bpc, "time": time.time()})
         return losses["val"]
 
-    def _log_start(self, metrics: MetricsLog) -> None:
+    def _log_start(self, metrics: RunLog) -> None:
         t = self.config.train
         self.log(f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
                  f"dtype={self.dtype_name} backend={distributed.backend_name()} "
@@ -332,8 +333,7 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         config, t = self.config, self.config.train
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.is_main,
-                             resume_step=self.start_step if self.checkpointer.saved_step is not None else None)
+        metrics = open_run_log(config, self.out_dir, self.is_main, self.checkpointer.saved_step, self.device)
         self._log_start(metrics)
         timer = PhaseTimer(self.device, enabled=config.profile.phases)
         profiler = LoopProfiler(self.out_dir, self.contract.rank, config.profile.cprofile)
