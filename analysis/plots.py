@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from analysis.scaling import STEP_PHASES  # noqa: E402
-from gptcore.checkpoint import atomic_write_bytes  # noqa: E402
+from gptcore.files import atomic_write_bytes  # noqa: E402
 
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P")

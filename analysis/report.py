@@ -27,7 +27,7 @@ from pathlib import Path
 
 from analysis import plots, scaling
 from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
-from gptcore.checkpoint import atomic_write_bytes
+from gptcore.files import atomic_write_bytes
 from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.metrics import read_metrics

@@ -33,6 +33,7 @@ import torch
 from harness import OthersCpu, spread, wait_for_quiet
 
 from gptcore import checkpoint  # noqa: E402
+from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
 from gptcore.train import make_optimizer  # noqa: E402
@@ -67,7 +68,7 @@ def seed_model(batch: int):
 def blocking_save(state: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
 
 from gptcore import checkpoint  # noqa: E402
+from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.inference import evaluate, load_model  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
@@ -241,7 +242,7 @@ def main() -> None:
     results["load_after"] = round(os.getloadavg()[0], 2)
     print(markdown(results))
     if args.json:
-        checkpoint.atomic_write_bytes(Path(args.json), (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(Path(args.json), (json.dumps(results, indent=2) + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -14,85 +14,20 @@ gathered into the file, so a resumed run draws the same dropout masks on every r
 from __future__ import annotations
 
 import errno
-import os
 import re
-import shutil
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
 from gptcore import distributed
 from gptcore.config import Config, config_from_dict, resume_conflicts
 from gptcore.errors import TrainingFailure, UserInputError, shown
+from gptcore.files import atomic_write, atomic_write_bytes, write_new_directory  # noqa: F401  (callers save through here)
 
 FORMAT = "gptcore-checkpoint"
 FORMAT_VERSION = 1
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(handle) on a temporary file beside path, fsync it, rename it over path, and
-    fsync the directory, so that path is always either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the mode open() would, so shared run and
-        # report directories stay readable by the group.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(payload))
-
-
-def fsync_directory(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_new_directory(path: Path, files: dict[str, bytes]) -> None:
-    """A directory of files that appears whole or not at all: written and fsynced under a
-    temporary name beside path, then renamed to it. An existing path is refused, never merged."""
-    path = Path(path)
-    if path.exists():
-        raise UserInputError(f"{path} already exists; choose a new --out directory (nothing was written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~current_umask())
-        for name, payload in files.items():
-            with open(tmp / name, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-        fsync_directory(tmp)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_directory(path.parent)
 
 
 def save(state: dict, path: Path) -> None:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptcore.checkpoint import atomic_write_bytes
+from gptcore.files import atomic_write_bytes
 from gptcore.errors import TrainingFailure, UserInputError
 
 _told = set()  # files whose cut-off last line was already reported

@@ -76,7 +76,7 @@ def requeue_slurm_job() -> str | None:
         return None
     mark = os.environ.get("GPTCORE_REQUEUE_MARK")
     if mark:
-        from gptcore.checkpoint import atomic_write_bytes  # (here: this module is imported before torch)
+        from gptcore.files import atomic_write_bytes  # (here: this module is imported before torch)
 
         atomic_write_bytes(Path(mark), (job_id + "\n").encode())
         return f"the batch script requeues Slurm job {job_id} once every rank has exited"

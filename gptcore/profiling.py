@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gptcore.checkpoint import atomic_write_bytes
+from gptcore.files import atomic_write_bytes
 
 STEP_PHASES = ("data", "forward", "backward", "optimizer")
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from gptcore.checkpoint import atomic_write_bytes
+from gptcore.files import atomic_write_bytes
 from gptcore.errors import UserInputError
 
 LOCK_NAME = ".lock"

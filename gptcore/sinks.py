@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gptcore import distributed
-from gptcore.checkpoint import atomic_write_bytes
+from gptcore.files import atomic_write_bytes
 from gptcore.config import Config
 from gptcore.errors import GptcoreError, TrainingFailure, UserInputError
 from gptcore.metrics import MetricsLog

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from gptcore.checkpoint import atomic_write, atomic_write_bytes
+from gptcore.files import atomic_write, atomic_write_bytes
 
 MIN_STEP_TIMEOUT_S = 60.0
 WINDOW_FACTOR = 10  # auto limit: this many times the longest logged window

@@ -1,0 +1,78 @@
+"""Files that are whole or absent: every file gptcore writes goes through here.
+
+A file is written to a temporary name in its directory, fsynced, renamed over the old one, and
+the directory fsynced: a crash or a full disk mid-write leaves the previous file intact, never a
+torn one. (No torch here: data preparation uses it in processes that never import torch.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from gptcore.errors import UserInputError
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(handle) on a temporary file beside path, fsync it, rename it over path, and
+    fsync the directory, so that path is always either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates the file 0600; give it the mode open() would, so shared run and
+        # report directories stay readable by the group.
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
+def fsync_directory(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_new_directory(path: Path, files: dict[str, bytes]) -> None:
+    """A directory of files that appears whole or not at all: written and fsynced under a
+    temporary name beside path, then renamed to it. An existing path is refused, never merged."""
+    path = Path(path)
+    if path.exists():
+        raise UserInputError(f"{path} already exists; choose a new --out directory (nothing was written)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())
+        for name, payload in files.items():
+            with open(tmp / name, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+        fsync_directory(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_directory(path.parent)
