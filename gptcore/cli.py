@@ -57,9 +57,10 @@ def non_negative_number(text: str) -> float:
 
 
 def cmd_prepare(args) -> None:
-    from gptcore.data import describe, prepare
+    from gptcore.data import describe
+    from gptcore.prepare import prepare
 
-    out_dir, meta = prepare(args.data, args.out, args.clean)
+    out_dir, meta = prepare(args.data, args.out, args.clean, vocab=args.vocab, workers=args.workers)
     print(f"prepared {out_dir}: {describe(meta)}")
 
 
@@ -72,6 +73,7 @@ def cmd_train(args) -> None:
         from gptcore.config import load_config
 
         config = load_config(args.config, args.overrides)  # before torch is imported: a typo fails at once
+        from gptcore.data import bits_unit
         from gptcore.train import Trainer, format_eta
 
         started = time.monotonic()
@@ -90,12 +92,13 @@ def cmd_train(args) -> None:
 
             add_sample_text(config, result.out_dir, result.final_step, text)
         if finished and trainer.is_main:
-            print(training_summary(result, trainer.best_val, trainer.ckpt_path, format_eta(time.monotonic() - started)))
+            print(training_summary(result, trainer.best_val, trainer.ckpt_path, format_eta(time.monotonic() - started),
+                                   bits_unit(trainer.batches.meta["vocab"])))
 
 
-def training_summary(result, best_val: float, ckpt, took: str) -> str:
+def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits/char") -> str:
     """The end of a finished training: how it went, where the model is, what to run next."""
-    best = f"best val loss {best_val:.4f} ({best_val / math.log(2):.3f} bits/char)" if math.isfinite(best_val) else \
+    best = f"best val loss {best_val:.4f} ({best_val / math.log(2):.3f} {unit})" if math.isfinite(best_val) else \
         "no evaluation"
     out = result.out_dir
     return "\n".join([
@@ -124,6 +127,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from gptcore.data import bits_unit
     from gptcore.inference import evaluate, load_model
 
     loaded = load_model(args.ckpt, args.device)
@@ -131,7 +135,7 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"val loss {result['val_loss']:.4f} | {result['val_bpc']:.4f} bits/char "
+        print(f"val loss {result['val_loss']:.4f} | {result['val_bpc']:.4f} {bits_unit(loaded.tokenizer.vocab)} "
               f"({result['batches']} batches x {result['batch_size']} x {result['block_size']} tokens, {result['model']})")
 
 
@@ -157,14 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="gptcore", description="Train, sample, evaluate, quantize and convert a character-level GPT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    p = sub.add_parser("prepare", help="text file or corpus name -> train.bin, val.bin, meta.json")
-    p.add_argument("--data", required=True, help="a UTF-8 text file or a corpus name (shakespeare)")
+    p = sub.add_parser("prepare", help="text files, directories, JSON Lines or a corpus name -> train.bin, val.bin, "
+                                       "meta.json, in bounded memory")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="UTF-8 text files, directories of them, *.jsonl files (a \"text\" field per line) or a "
+                        "corpus name (shakespeare)")
     p.add_argument("--clean", default="none", choices=["none", "seed"])
+    p.add_argument("--vocab", default="chars", choices=["chars", "bytes"],
+                   help="the text's characters, or UTF-8 bytes (256 ids, shared by every text)")
+    p.add_argument("--workers", type=at_least(1), default=None,
+                   help="processes that read and tokenize (default: every CPU this job may use)")
     p.add_argument("--out", default=None, help="output directory (default for a corpus: the data home)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model: gptcore train --config cpu key=value ...")
-    p.add_argument("--config", default=None, help="preset name (seed, shakespeare_char, cpu, tiny) or YAML file")
+    p.add_argument("--config", default=None, help="preset name (seed, shakespeare_char, cpu, tiny, finetune) or YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
     p.set_defaults(func=cmd_train)
 

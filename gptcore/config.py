@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -34,6 +35,7 @@ class ModelConfig:
 class DataConfig:
     path: str = "shakespeare"  # a text file, a prepared directory, or a named corpus
     clean: str = "none"  # none | seed
+    vocab: str = "chars"  # chars: the text's characters | bytes: UTF-8 bytes, one vocabulary for every text
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig:
     deterministic: bool = False  # bit-identical runs on CUDA too: deterministic kernels, no TF32 (slower)
     single_rank_group: bool = False  # one rank still forms a process group and wraps DDP (measures DDP's cost)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
+    init_from: str = ""  # start from this fp32 checkpoint's weights (fresh optimizer and schedule): fine-tuning
     threads: int = 0  # torch intra-op threads per rank; 0: OMP_NUM_THREADS, else the rank's share of the CPUs
     cpu_ranks: int = 0  # share the CPUs as if this many ranks ran on the node (a sweep: its largest size)
     sample_tokens: int = 200  # text generated at the end of training; 0 for none
@@ -99,6 +102,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The dotted keys a preset, YAML file or override set (load_config): what the user asked for,
+    # as against the defaults; train.init_from takes every other model key from its checkpoint.
+    given_keys: ClassVar[frozenset] = frozenset()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,6 +113,7 @@ class Config:
 CHOICES = {
     "resume": ("never", "auto"),
     "data.clean": ("none", "seed"),
+    "data.vocab": ("chars", "bytes"),
     "train.scaling": ("strong", "weak"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
@@ -173,7 +180,7 @@ def parse_value(key: str, raw, kind: type):
 # nanoGPT's names for our keys: its users type them out of habit.
 NANOGPT_NAMES = {
     "learning_rate": "train.lr", "gradient_accumulation_steps": "train.grad_accum",
-    "lr_decay_iters": "train.max_iters", "init_from": "resume", "dataset": "data.path",
+    "lr_decay_iters": "train.max_iters", "init_from": "train.init_from", "dataset": "data.path",
 }
 
 
@@ -305,14 +312,17 @@ def validate(config: Config) -> Config:
 
 def load_config(name_or_file: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- preset or YAML file <- overrides, validated."""
-    config = Config()
+    config, given = Config(), set()
     if name_or_file:
         for key, value in dotted_items(read_yaml(name_or_file), f"config {name_or_file}"):
             set_key(config, key, value)
+            given.add(key)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         set_key(config, key, value)
+        given.add(key)
+    config.given_keys = frozenset(given)
     return validate(config)
 
 
@@ -350,7 +360,7 @@ def batch_split(config: Config, world_size: int) -> tuple[int, int]:
 
 
 def write_yaml(config: Config, path: Path) -> None:
-    from gptcore.checkpoint import atomic_write_bytes
+    from gptcore.files import atomic_write_bytes
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_bytes(Path(path), text.encode("utf-8"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gptcore import checkpoint
+from gptcore.files import atomic_write_bytes, write_new_directory
 from gptcore.errors import UserInputError
 from gptcore.inference import decode_speed, evaluate, load_model, resolve_device
 from gptcore.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
@@ -108,7 +109,7 @@ def quantize_command(args) -> None:
     report["size_ratio"] = report["size_bytes"][args.mode] / report["size_bytes"]["fp32"]
     report.update(measure(reference, quantized, args))
     report_path = out.with_suffix(".json")
-    checkpoint.atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     print(f"wrote {out} ({args.mode}" + (f", group size {group_size}" if args.mode == "int4" else "") + ")")
     for line in describe(report):
         print(line)
@@ -122,6 +123,9 @@ def export_command(args) -> None:
     if loaded.kind != "fp32":
         raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export writes full-precision weights only: "
                              "export the fp32 ckpt.pt it was quantized from")
+    if loaded.tokenizer.vocab == "bytes":
+        raise UserInputError(f"{args.ckpt} has the bytes vocabulary (data.vocab=bytes); export writes character "
+                             "vocabularies only, as nanoGPT's meta.pkl and a character tokenizer")
     state = {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
     model, vocab = loaded.config.model, loaded.tokenizer.vocab
     if args.format == "hf":
@@ -132,7 +136,7 @@ def export_command(args) -> None:
         files = nanogpt.nanogpt_files(state, model, vocab, Path(loaded.config.data.path).stem or "gptcore",
                                       int(raw.get("step", 0)), float(raw.get("best_val_loss", float("inf"))))
         use = f"nanoGPT's sample.py --out_dir={args.out} (it reads meta.pkl from data/<dataset>/: copy it there)"
-    checkpoint.write_new_directory(Path(args.out), files)
+    write_new_directory(Path(args.out), files)
     print(f"wrote {args.out} ({args.format}: {', '.join(files)}); load it with {use}")
 
 

@@ -117,6 +117,11 @@ class Threads:
     node_cpus: int
     sharing_ranks: int  # ranks the CPUs are divided among
 
+    def record(self) -> dict:
+        """The metrics start record's part: how many threads, and why."""
+        return {"threads": self.count, "threads_from": self.source, "usable_cpus": self.usable_cpus,
+                "node_cpus": self.node_cpus, "sharing_ranks": self.sharing_ranks}
+
     def reason(self) -> str:
         if self.source != "share":
             return f"from {self.source}"

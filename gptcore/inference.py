@@ -16,7 +16,9 @@ import torch
 
 from gptcore import checkpoint, hardware
 from gptcore.config import config_from_dict
-from gptcore.data import CORPORA, Batches, CharTokenizer, resolve_data
+from gptcore.batches import Batches
+from gptcore.data import CORPORA, ByteTokenizer, CharTokenizer, tokenizer_for
+from gptcore.prepare import resolve_data
 from gptcore.errors import UserInputError, shown
 from gptcore.model import GPT, parameter_count
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
@@ -27,7 +29,7 @@ DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-gr
 @dataclass
 class LoadedModel:
     model: GPT
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | ByteTokenizer
     config: object
     kind: str  # "fp32" or a quantization mode
     device: torch.device
@@ -83,10 +85,11 @@ def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
         else:
             model, kind = model_from_quantized(state, config)
         vocab = state["vocab"]
-        if not (isinstance(vocab, list) and len(vocab) == config.model.vocab_size == len(set(vocab))
-                and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
+        bytes_vocab = vocab == ByteTokenizer.vocab and config.model.vocab_size == 256
+        if not bytes_vocab and not (isinstance(vocab, list) and len(vocab) == config.model.vocab_size == len(set(vocab))
+                                    and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
             raise ValueError(f"its vocabulary ({shown(vocab)}) is not {config.model.vocab_size} distinct characters")
-        tokenizer = CharTokenizer(vocab)
+        tokenizer = tokenizer_for(vocab)
     except UserInputError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
@@ -159,13 +162,14 @@ def eval_data(loaded: LoadedModel, data_path: str | None, scratch: Path) -> Path
     data that training prepared beside the checkpoint (RUN_DIR/data), or the named corpus it was
     trained on. A path recorded inside a checkpoint is never opened: the file is not trusted to
     name what may be read or written."""
-    if data_path:
-        return resolve_data(data_path, loaded.config.data.clean, scratch)
+    vocab, owner = loaded.tokenizer.vocab, f"the checkpoint {loaded.path}"
+    if data_path:  # a text is encoded with the checkpoint's vocabulary
+        return resolve_data(data_path, loaded.config.data.clean, scratch, vocab, owner)
     beside = loaded.path.parent / "data" if loaded.path else None
     if beside is not None and (beside / "meta.json").is_file():
         return beside
     if loaded.config.data.path in CORPORA:
-        return resolve_data(loaded.config.data.path, loaded.config.data.clean, scratch)
+        return resolve_data(loaded.config.data.path, loaded.config.data.clean, scratch, vocab, owner)
     raise UserInputError(f"no prepared data beside {loaded.path}; pass the text to evaluate on with --data "
                          "(a text file, a prepared directory or a corpus name)")
 

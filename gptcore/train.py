@@ -23,9 +23,12 @@ import psutil
 import torch
 
 from gptcore import checkpoint, distributed, hardware, preemption
-from gptcore.config import Config, batch_split, write_yaml
-from gptcore.data import Batches, Shard, describe, resolve_data
-from gptcore.errors import TrainingFailure, UserInputError
+from gptcore.config import ARCHITECTURE_KEYS, Config, batch_split, config_from_dict, resume_conflicts, write_yaml
+from gptcore.batches import Batches, Shard
+from gptcore.data import bits_unit, describe, vocabulary_name
+from gptcore.prepare import resolve_data
+from gptcore.errors import TrainingFailure, UserInputError, shown
+from gptcore.inference import check_header_fits_file
 from gptcore.model import GPT, parameter_count
 from gptcore.preemption import requeue_slurm_job
 from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
@@ -197,22 +200,23 @@ class Trainer:
             raise refused or UserInputError(f"rank 0 could not take {self.out_dir}; see its log")
         self.checkpointer = checkpoint.Checkpointer(self.ckpt_path, self.device, contract.rank, t.ckpt_background)
         resume_state = self.checkpointer.existing(config)
+        start = None if resume_state else starting_weights(config, self.log)  # a resumed fine-tuning run continues
         if not resume_state and self.is_main and (moved := move_aside(self.out_dir, EARLIER_RUN_FILES)):
             self.log(f"moved the files of an earlier run without a checkpoint to {moved}")
         # Here, not in the loop: the measured link feeds the scaling report's all-reduce model.
         self.probe = distributed.probe_allreduce(self.device) if contract.world_size > 1 else None
         self.per_rank_batch, self.global_batch = batch_split(config, contract.world_size)
-        vocab = resume_state["vocab"] if resume_state else None  # a resumed run reads only text of its vocabulary
+        vocab, owner = data_vocabulary(config, resume_state, start)
         data_dir = distributed.rank0_first(
-            lambda: resolve_data(config.data.path, config.data.clean, self.out_dir / "data", vocab))
+            lambda: resolve_data(config.data.path, config.data.clean, self.out_dir / "data", vocab, owner))
         self.batches = Batches(data_dir, config.model.block_size, t.seed, Shard(contract.rank, contract.world_size),
                                self.device)
-        self.meta = self.batches.meta
-        config.model.vocab_size = self.meta["vocab_size"]
+        config.model.vocab_size = self.batches.meta["vocab_size"]
         check_memory(config, self.per_rank_batch, self.device)
-
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.model = GPT(config.model).to(self.device)
+        if start:
+            self.model.load_state_dict(start["model"])
         torch.manual_seed(t.seed + contract.rank)  # but different dropout masks per rank
         self.optimizer = make_optimizer(self.model, config)
         self.start_step, self.best_val = 0, float("inf")
@@ -288,7 +292,8 @@ class Trainer:
         losses = self.evaluate()
         self.best_val = min(self.best_val, losses["val"])
         bpc = losses["val"] / math.log(2)
-        self.log(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | {bpc:.3f} bits/char")
+        self.log(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | {bpc:.3f} "
+                 f"{bits_unit(self.batches.meta['vocab'])}")
         metrics.write({"step": step, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"],
                        "val_bpc": bpc, "time": time.time()})
         return losses["val"]
@@ -300,11 +305,9 @@ class Trainer:
                  f"compile={'on' if compiles(self.config, self.device) else 'off'} "
                  f"deterministic={'on' if t.deterministic else 'off'}")
         self.log(f"threads: {torch.get_num_threads()} per rank, {self.threads.reason()}")
-        metrics.write({"threads": self.threads.count, "threads_from": self.threads.source,
-                       "usable_cpus": self.threads.usable_cpus, "node_cpus": self.threads.node_cpus,
-                       "sharing_ranks": self.threads.sharing_ranks, "world_size": self.contract.world_size,
-                       "dtype": self.dtype_name, "host": socket.gethostname(), "time": time.time()})
-        self.log(f"data: {describe(self.meta)}")
+        metrics.write({**self.threads.record(), "world_size": self.contract.world_size, "dtype": self.dtype_name,
+                       "host": socket.gethostname(), "time": time.time()})
+        self.log(f"data: {describe(self.batches.meta)}")
         peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, "
                  f"global batch {self.global_batch * t.grad_accum} x {self.config.model.block_size} tokens, "
@@ -355,7 +358,7 @@ class Trainer:
                                         self.device):
                     raise self._diverged(at_step)
                 self.checkpointer.save(at_step, self.model, self.optimizer, self.batches, config=config.to_dict(),
-                                       vocab=self.meta["vocab"], world_size=self.contract.world_size,
+                                       vocab=self.batches.meta["vocab"], world_size=self.contract.world_size,
                                        best_val_loss=self.best_val)
 
         # One step late, so that no rank waits on the others at every step boundary.
@@ -418,6 +421,46 @@ class Trainer:
     def _diverged(self, step: int) -> TrainingFailure:
         return TrainingFailure(f"loss or weights became NaN/inf by step {step}; {self.checkpointer.kept()} (the last "
                                "good one); lower train.lr or raise train.warmup_iters")
+
+
+def data_vocabulary(config: Config, resume_state: dict | None, start: dict | None) -> tuple[list[str] | str | None, str]:
+    """The vocabulary the run's data must be encoded with (None: the text's own characters), and
+    whose it is, for a refusal: a checkpoint's wins over data.vocab."""
+    if resume_state:
+        return resume_state["vocab"], "the checkpoint being resumed"
+    if start:
+        return start["vocab"], f"the checkpoint being fine-tuned (train.init_from {config.train.init_from})"
+    return ("bytes" if config.data.vocab == "bytes" else None), "data.vocab=bytes"
+
+
+def starting_weights(config: Config, log) -> dict | None:
+    """train.init_from: the weights and vocabulary to start from, the checkpoint's model shape put
+    into config.model. A model key that the run set to another value is refused: it could not
+    load those weights."""
+    path = Path(config.train.init_from) if config.train.init_from else None
+    if path is None:
+        return None
+    state = checkpoint.load(path)
+    if state["format"] != checkpoint.FORMAT:
+        raise UserInputError(f"train.init_from {path} is {shown(state.get('mode'))}-quantized; start from the fp32 "
+                             "ckpt.pt of `gptcore train` or `gptcore import`")
+    saved = config_from_dict(state["config"], f"the config in {path}")
+    if asked := [c for c in resume_conflicts(saved, config) if c.split("=")[0] in config.given_keys]:
+        raise UserInputError(f"train.init_from {path} holds another model ({', '.join(asked)}); drop those model.* "
+                             "settings: a fine-tuning run takes the checkpoint's shape")
+    for key in ARCHITECTURE_KEYS:
+        setattr(config.model, key.split(".")[1], getattr(saved.model, key.split(".")[1]))
+    check_header_fits_file(saved, "fp32", path.stat().st_size, path)
+    try:
+        if saved.model.vocab_size != (256 if state["vocab"] == "bytes" else len(state["vocab"])):
+            raise KeyError(f"a vocabulary of {vocabulary_name(state['vocab'])} for {saved.model.vocab_size} embedding rows")
+        model = GPT(saved.model)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserInputError(f"train.init_from {path} is damaged or from another version ({str(err)[:160]})") from None
+    log(f"starting from the weights of {path} ({saved.model.n_layer} layers x {saved.model.n_embd}, "
+        f"{vocabulary_name(state['vocab'])}), with a fresh optimizer and schedule")
+    return {"model": model.state_dict(), "vocab": state["vocab"]}
 
 
 def start_sampler(config: Config, out_dir: Path, contract: distributed.RankContract):

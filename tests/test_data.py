@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.data import Batches, CharTokenizer, Shard, clean_seed, prepare, read_text
+from gptcore.batches import Batches, Shard
+from gptcore.data import CharTokenizer, clean_seed
+from gptcore.prepare import prepare, prepare_corpus
 from gptcore.errors import UserInputError
 
 PARAGRAPH = (
@@ -44,7 +46,7 @@ def test_tokenizer_round_trip_and_vectorised_encode():
 
 
 def test_prepare_writes_memmappable_splits(tmp_path, corpus):
-    out, meta = prepare(str(corpus), tmp_path / "prep", "none")
+    out, meta = prepare([str(corpus)], tmp_path / "prep", "none")
     train = np.fromfile(out / "train.bin", dtype=np.uint8)
     val = np.fromfile(out / "val.bin", dtype=np.uint8)
     text = corpus.read_text()
@@ -65,16 +67,17 @@ def test_unusable_text_files_are_named(tmp_path, content, expected):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(UserInputError, match=expected):
-        read_text(path)
+        prepare_corpus([path], tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
-        read_text(tmp_path / "nope.txt")
+        prepare_corpus([tmp_path / "nope.txt"], tmp_path / "out")
 
 
 def test_ranks_take_disjoint_slices_of_the_same_global_batch(tmp_path, corpus):
-    out, _ = prepare(str(corpus), tmp_path / "prep", "none")
+    out, _ = prepare([str(corpus)], tmp_path / "prep", "none")
     whole = Batches(out, block_size=16, seed=3).next_train(8)
     halves = [Batches(out, 16, 3, Shard(rank, 2)).next_train(8) for rank in range(2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
@@ -85,6 +88,6 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batch(tmp_path, corpus):
 def test_split_shorter_than_a_block_is_refused(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("to be or not to be " * 10)
-    out, _ = prepare(str(path), tmp_path / "prep", "none")
+    out, _ = prepare([str(path)], tmp_path / "prep", "none")
     with pytest.raises(UserInputError, match="fewer than block_size"):
         Batches(out, block_size=64, seed=0)

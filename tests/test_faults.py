@@ -198,7 +198,7 @@ def test_text_of_another_vocabulary_is_refused_before_the_prepared_data_is_touch
     other.write_text("ZYXWVUTSRQ 0123456789 !@#$%^&*()\n" * 400)
     prepared = {p.name: p.read_bytes() for p in (stopped_run / "data").iterdir()}
     result = run_gptcore("train", *TINY, f"data.path={other}", f"out_dir={stopped_run}", "resume=auto")
-    assert_one_line_error(result, 2, "another vocabulary than the checkpoint being resumed")
+    assert_one_line_error(result, 2, "character(s) that the checkpoint being resumed never saw", "0123456789")
     assert {p.name: p.read_bytes() for p in (stopped_run / "data").iterdir()} == prepared
 
 

@@ -3,6 +3,7 @@
 submitted from the repository root as a user would; their runs/ and logs/ files are removed
 afterwards. Skipped when Slurm's clients are missing or the cluster is not up."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 
 from conftest import REPO, job_info, run_metrics, sacct, slurm_command, wait_until, wait_until_ended
@@ -92,6 +94,10 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     # No group size given: int4's default 64 does not divide the tiny model's width, 32 is taken.
     quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
                            f"--export=ALL,RUN_DIR=runs/test-4gpu-{train}", "slurm/quantize.sbatch")
+    # Fine-tuning chains after pretraining the same way, from its checkpoint (the finetune preset).
+    finetune = jobs.sbatch("--job-name=test-finetune", f"--dependency=afterok:{train}", "slurm/finetune.sbatch",
+                           "train.device=cpu", "train.max_iters=10", "train.eval_interval=10", "train.eval_iters=2",
+                           "train.sample_tokens=0", env={"INIT_FROM": f"runs/test-4gpu-{train}/ckpt.pt", "DATA": str(corpus)})
     assert wait_until_ended(ENV, train, 120) == "COMPLETED", log_text("test-4gpu", train)
     assert "world_size=4 launcher=srun device=cpu" in log_text("test-4gpu", train)
     assert sacct(ENV, train) == ["COMPLETED"]
@@ -108,6 +114,10 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     train_end, = sacct(ENV, train, "End")
     quantize_start, = sacct(ENV, quantize, "Start")
     assert quantize_start >= train_end  # ISO timestamps: the dependency held it back
+    assert wait_until_ended(ENV, finetune, 120) == "COMPLETED", log_text("test-finetune", finetune)
+    assert f"starting from the weights of runs/test-4gpu-{train}/ckpt.pt (2 layers x 32" in log_text("test-finetune", finetune)
+    tuned = yaml.safe_load((REPO / "runs" / f"test-finetune-{finetune}" / "config.yaml").read_text())
+    assert tuned["model"]["n_embd"] == 32 and tuned["model"]["dropout"] == 0.2 and tuned["train"]["lr"] == 3e-4
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +269,18 @@ def test_a_job_submitted_from_outside_the_repository_is_explained_by_the_monitor
     assert row[2:4] == ["FAILED", "(JobLaunchFailure)"]
     assert (f"job {job} (gptcore-outside) never started: Slurm could not open its log in {tmp_path}/logs/" in table
             and f"cd {REPO} && sbatch slurm/train_1gpu.sbatch" in table), table
+
+
+def test_prepare_template_prepares_a_directory_as_a_cpu_job(jobs, tmp_path, corpus):
+    books = tmp_path / "books"
+    books.mkdir()
+    text = corpus.read_text()
+    (books / "one.txt").write_text(text[: len(text) // 2])
+    (books / "two.txt").write_text(text[len(text) // 2:])
+    out = tmp_path / "prepared"
+    job = jobs.sbatch("--job-name=test-prepare", "--cpus-per-task=2", f"--export=ALL,DATA={books},OUT={out}",
+                      "slurm/prepare.sbatch")
+    assert wait_until_ended(ENV, job, 60) == "COMPLETED", log_text("test-prepare", job)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents_separated"] and meta["train_tokens"] + meta["val_tokens"] == len(text) + 2
+    assert f"prepared {out}" in log_text("test-prepare", job)

@@ -102,4 +102,4 @@ def test_the_default_corpus_trains_without_a_path(tmp_path):
     result = run_gptcore("train", "--config", "tiny", "train.device=cpu", f"out_dir={tmp_path / 't'}")
     assert result.returncode == 0, result.stderr
     meta = read_meta(corpus_dir("shakespeare", "none"))
-    assert f"vocab {meta['vocab_size']} chars, train {meta['train_tokens']:,} tokens" in result.stdout
+    assert f"vocab {meta['vocab_size']} characters, train {meta['train_tokens']:,} tokens" in result.stdout
