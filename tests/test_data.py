@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptcore.batches import Batches, Shard
-from gptcore.data import CharTokenizer, clean_seed
+from gptcore.data import ByteTokenizer, CharTokenizer, clean_seed
 from gptcore.prepare import prepare, prepare_corpus
 from gptcore.errors import UserInputError
 
@@ -91,3 +91,12 @@ def test_split_shorter_than_a_block_is_refused(tmp_path):
     out, _ = prepare([str(path)], tmp_path / "prep", "none")
     with pytest.raises(UserInputError, match="fewer than block_size"):
         Batches(out, block_size=64, seed=0)
+
+
+def test_byte_decoding_holds_back_a_cut_off_character_and_marks_invalid_bytes():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("naïve ☃")
+    assert len(ids) == len("naïve ☃".encode("utf-8")) == 10 and tokenizer.decode(ids) == "naïve ☃"
+    assert tokenizer.decode(ids[:-1]) == "naïve "  # the snowman's third byte is not there yet
+    assert tokenizer.decode([0x61, 0xFF, 0x62]) == "a\ufffdb"  # never mojibake
+    assert tokenizer.encode_array("ï").tolist() == [0xC3, 0xAF]

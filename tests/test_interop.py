@@ -106,7 +106,7 @@ def nanogpt_layout(model: GPT, vocab: list[str], dataset: str) -> tuple[dict, by
     return ckpt, pickle.dumps(meta)
 
 
-def test_a_nanogpt_checkpoint_imports_with_the_same_logits(trained, tmp_path, capsys):
+def test_a_nanogpt_checkpoint_imports_with_the_same_logits(trained, corpus, tmp_path, capsys):
     ckpt, text = trained
     ours = load_model(ckpt, "cpu")
     nano_ckpt, meta = nanogpt_layout(ours.model, ours.tokenizer.vocab, "shakespeare_char")
@@ -130,6 +130,12 @@ def test_a_nanogpt_checkpoint_imports_with_the_same_logits(trained, tmp_path, ca
     quantized = gptcore_here(capsys, "quantize", "--ckpt", out, "--mode", "int8", "--out", tmp_path / "q.pt",
                              "--eval-batches", "0", "--bench-tokens", "0")
     assert quantized.returncode == 0, quantized.stderr
+    evaluated = gptcore_here(capsys, "eval", "--ckpt", out, "--data", corpus, "--batches", "2", "--json")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["val_loss"] < 3.0, evaluated.stderr
+    tuned = run_gptcore("train", "--config", "finetune", f"data.path={corpus}", f"out_dir={tmp_path / 'tuned'}",
+                        f"train.init_from={out}", "train.max_iters=5", "train.eval_interval=5", "train.eval_iters=2",
+                        "train.sample_tokens=0", "train.device=cpu")
+    assert tuned.returncode == 0 and "starting from the weights of" in tuned.stdout, tuned.stderr
     # gptcore names the nanoGPT file for what it is, with the command that converts it.
     foreign = gptcore_here(capsys, "sample", "--ckpt", tmp_path / "ckpt.pt")
     assert_one_line_error(foreign, 2, "is a nanoGPT checkpoint", "gptcore import --nanogpt")
