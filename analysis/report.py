@@ -27,10 +27,9 @@ from pathlib import Path
 
 from analysis import plots, scaling
 from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
-from gptcore.files import atomic_write_bytes
 from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
-from gptcore.metrics import read_metrics
+from gptcore.files import atomic_write_bytes
 from gptcore.sampler import summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
@@ -513,7 +512,7 @@ def write_report(runs: list[Run], out_dir: Path, warmup_fraction: float = 0.1) -
 def write_tensorboard(runs: list[Run], log_dir: Path) -> None:
     """Every run's metrics (and node 0's hardware samples) as one TensorBoard log directory, a
     subdirectory per run, so that `tensorboard --logdir DIR` overlays the sizes of a sweep."""
-    from gptcore.sinks import TensorBoardSink
+    from gptcore.sinks import replay
 
     targets = {run.path: log_dir / run.path.name for run in runs}
     if len(set(targets.values())) < len(targets):
@@ -521,10 +520,7 @@ def write_tensorboard(runs: list[Run], log_dir: Path) -> None:
     if taken := [str(target) for target in targets.values() if target.exists()]:
         raise UserInputError(f"{taken[0]} already exists; choose a new --tensorboard directory")
     for run in runs:
-        sink = TensorBoardSink(targets[run.path], None, run.path / "samples" / "node0.jsonl", live=False)
-        for record in read_metrics(run.path / "metrics.jsonl"):
-            sink.write(record)
-        sink.close()
+        replay(run.path, targets[run.path])
 
 
 def main(argv: list[str] | None = None) -> int:

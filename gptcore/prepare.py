@@ -55,10 +55,8 @@ class Chunk:
 class Survey:
     """What the first pass learns of a chunk."""
     chars: str  # its distinct characters
-    chars_count: int  # tokens under the character vocabulary
-    bytes_count: int  # tokens under the byte vocabulary
-    char_ends: np.ndarray  # token positions (in the chunk) just after each DOCUMENT_END
-    byte_ends: np.ndarray
+    tokens: int  # under the vocabulary asked for (characters, or bytes)
+    document_ends: np.ndarray  # token positions in the chunk just after each DOCUMENT_END
 
 
 def input_files(paths: list[Path]) -> list[Path]:
@@ -148,16 +146,12 @@ def line_offset(text: str, line_number: int) -> int:
     return sum(len(line.encode("utf-8")) + 1 for line in text.split("\n")[:line_number])
 
 
-def survey(job: tuple[Chunk, str, bool]) -> Survey:
-    text = chunk_text(*job)
-    char_ends, byte_ends, chars, nbytes = [], [], 0, 0
-    for document in text.split(DOCUMENT_END)[:-1]:
-        chars += len(document) + 1
-        nbytes += len(document.encode("utf-8")) + 1
-        char_ends.append(chars)
-        byte_ends.append(nbytes)
-    return Survey("".join(sorted(set(text))), len(text), len(text.encode("utf-8")),
-                  np.array(char_ends, dtype=np.int64), np.array(byte_ends, dtype=np.int64))
+def survey(job: tuple[Chunk, str, bool, bool]) -> Survey:
+    chunk, clean, several, byte_vocab = job
+    text = chunk_text(chunk, clean, several)
+    size = (lambda part: len(part.encode("utf-8"))) if byte_vocab else len
+    ends = np.cumsum([size(document) + 1 for document in text.split(DOCUMENT_END)[:-1]], dtype=np.int64)
+    return Survey("".join(sorted(set(text))), size(text), ends)
 
 
 def encode(job: tuple[Chunk, str, bool, list[str] | str, str]) -> np.ndarray:
@@ -240,14 +234,12 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
     source = ", ".join(map(str, paths))
 
     bar = Progress("pass 1/2 (vocabulary)", total_bytes, progress)
-    chars, counts, ends, offset = set(), [], [], 0
+    chars, ends, offset = set(), [], 0
     byte_vocab = vocab == ByteTokenizer.vocab
-    for chunk, found in zip(chunks, ordered_map(survey, [(c, clean, several) for c in chunks], workers)):
+    for chunk, found in zip(chunks, ordered_map(survey, [(c, clean, several, byte_vocab) for c in chunks], workers)):
         chars.update(found.chars)
-        count = found.bytes_count if byte_vocab else found.chars_count
-        ends.append((found.byte_ends if byte_vocab else found.char_ends) + offset)
-        counts.append(count)
-        offset += count
+        ends.append(found.document_ends + offset)
+        offset += found.tokens
         bar.advance(chunk.end - chunk.start)
     bar.close()
     if not "".join(sorted(chars)).strip():
@@ -275,6 +267,7 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
             for handle in (train, val):
                 handle.flush()
                 os.fsync(handle.fileno())
+        (out_dir / "meta.json").unlink(missing_ok=True)  # never an old meta.json beside new tokens
         for name, path in partial.items():
             os.replace(path, out_dir / f"{name}.bin")
         fsync_directory(out_dir)
@@ -287,10 +280,6 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
             **(note or {})}
     atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it done
     return meta
-
-
-def corpus_dir(name: str, clean: str) -> Path:
-    return data_home() / (name if clean == "none" else f"{name}-{clean}")
 
 
 def prepare(sources: list[str], out_dir: Path | None, clean: str = "none", download: bool = True,

@@ -28,7 +28,7 @@ from gptcore import distributed
 from gptcore.files import atomic_write_bytes
 from gptcore.config import Config
 from gptcore.errors import GptcoreError, TrainingFailure, UserInputError
-from gptcore.metrics import MetricsLog
+from gptcore.metrics import MetricsLog, read_metrics
 from gptcore.sampler import summarize_samples
 
 TENSORBOARD_DIR = "tb"
@@ -93,21 +93,17 @@ class SampleTail:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: Path, purge_after: int | None, samples: Path, live: bool = True):
+    def __init__(self, log_dir: Path, purge_after: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
         # Events of an earlier session past the checkpoint this one resumed from are redone:
         # TensorBoard drops the old ones from purge_step on.
         self.writer = SummaryWriter(str(log_dir), purge_step=None if purge_after is None else purge_after + 1,
                                     flush_secs=10)
-        self.samples = SampleTail(samples, skip_existing=live)
 
-    def write(self, record: dict) -> None:
-        scalars = scalars_of(record)
-        if "train/loss" in scalars:  # a logged window: with it, the hardware samples taken during it
-            scalars.update(hardware_scalars(self.samples.until(record["time"])))
+    def scalars(self, step: int, scalars: dict[str, float], walltime: float | None) -> None:
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, record["step"], walltime=record.get("time"))
+            self.writer.add_scalar(tag, value, step, walltime=walltime)
 
     def text(self, step: int, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, step)
@@ -119,7 +115,7 @@ class TensorBoardSink:
 class WandbSink:
     """One W&B run per run directory, continued by every session of it (a requeued job too)."""
 
-    def __init__(self, config: Config, out_dir: Path, samples: Path):
+    def __init__(self, config: Config, out_dir: Path):
         import wandb
 
         id_file = out_dir / WANDB_ID_FILE
@@ -138,14 +134,9 @@ class WandbSink:
             raise TrainingFailure(f"W&B could not start a {config.log.wandb} run ({str(err).splitlines()[0][:160]}); "
                                   "run `wandb login` or set WANDB_API_KEY, or use log.wandb=offline and "
                                   "`wandb sync` later") from None
-        self.samples = SampleTail(samples, skip_existing=True)
 
-    def write(self, record: dict) -> None:
-        scalars = scalars_of(record)
-        if "train/loss" in scalars:
-            scalars.update(hardware_scalars(self.samples.until(record["time"])))
-        if scalars:
-            self.run.log(scalars, step=record["step"])
+    def scalars(self, step: int, scalars: dict[str, float], walltime: float | None) -> None:
+        self.run.log(scalars, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -169,44 +160,63 @@ def check_sinks(config: Config) -> None:
 
 
 class RunLog:
-    """metrics.jsonl and the sinks beside it, as one: write(record) and close()."""
+    """metrics.jsonl and the scalar sinks beside it, as one: write(record) and close(). Each
+    logged window's record goes to the scalar sinks with the hardware samples of that window."""
 
-    def __init__(self, sinks: list):
-        self.sinks = sinks
+    def __init__(self, metrics: MetricsLog | None, sinks: list, samples: SampleTail):
+        self.metrics, self.sinks, self.samples = metrics, sinks, samples
 
     def write(self, record: dict) -> None:
+        if self.metrics:
+            self.metrics.write(record)
+        scalars = scalars_of(record)
+        if not self.sinks or not scalars:
+            return
+        if "train/loss" in scalars:
+            scalars.update(hardware_scalars(self.samples.until(record["time"])))
         for sink in self.sinks:
-            sink.write(record)
+            sink.scalars(record["step"], scalars, record.get("time"))
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        for sink in [self.metrics, *self.sinks]:
+            if sink:
+                sink.close()
 
 
 def open_run_log(config: Config, out_dir: Path, is_main: bool, resume_step: int | None,
                  device: torch.device) -> RunLog:
     """Collective: rank 0 opens metrics.jsonl and the sinks asked for; if any fails to open, every
     rank stops with it, rather than the others waiting for rank 0 at the first log step."""
-    sinks, failure = [MetricsLog(out_dir / "metrics.jsonl", is_main, resume_step)], None
+    sinks, failure = [], None
     if is_main:
-        samples = out_dir / "samples" / "node0.jsonl"
         try:
             if tensorboard_wanted(config):
-                sinks.append(TensorBoardSink(out_dir / TENSORBOARD_DIR, resume_step, samples))
+                sinks.append(TensorBoardSink(out_dir / TENSORBOARD_DIR, resume_step))
                 print(f"tensorboard: {out_dir / TENSORBOARD_DIR} (watch: tensorboard --logdir {out_dir.parent})", flush=True)
             if config.log.wandb != "off":
-                sinks.append(WandbSink(config, out_dir, samples))
+                sinks.append(WandbSink(config, out_dir))
         except GptcoreError as err:
             failure = err
+    run_log = RunLog(MetricsLog(out_dir / "metrics.jsonl", is_main, resume_step), sinks,
+                     SampleTail(out_dir / "samples" / "node0.jsonl", skip_existing=True))
     if distributed.any_rank(failure is not None, device):
-        RunLog(sinks).close()
+        run_log.close()
         raise failure or TrainingFailure("rank 0 could not open the run's logs (its output says why)")
-    return RunLog(sinks)
+    return run_log
+
+
+def replay(run_dir: Path, log_dir: Path) -> None:
+    """A finished run's metrics.jsonl (and node 0's samples) as TensorBoard events in log_dir."""
+    run_log = RunLog(None, [TensorBoardSink(log_dir, None)],
+                     SampleTail(run_dir / "samples" / "node0.jsonl", skip_existing=False))
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        run_log.write(record)
+    run_log.close()
 
 
 def add_sample_text(config: Config, out_dir: Path, step: int, text: str) -> None:
     """The sample generated after training, as text in the run's TensorBoard log."""
     if tensorboard_wanted(config):
-        sink = TensorBoardSink(out_dir / TENSORBOARD_DIR, None, out_dir / "samples" / "node0.jsonl")
+        sink = TensorBoardSink(out_dir / TENSORBOARD_DIR, None)
         sink.text(step, "sample", f"```\n{text}\n```")  # a code block keeps the sample's line breaks
         sink.close()
