@@ -23,6 +23,7 @@ import torch
 
 from gptcore import distributed
 from gptcore.config import Config, config_from_dict, resume_conflicts
+from gptcore.data import tokenizer_for
 from gptcore.errors import TrainingFailure, UserInputError, shown
 from gptcore.files import atomic_write, atomic_write_bytes, write_new_directory  # noqa: F401  (callers save through here)
 
@@ -218,6 +219,11 @@ class Checkpointer:
                 f"{self.path} already exists; pass resume=auto to continue that run or choose another out_dir")
         state = load(self.path, FORMAT)
         saved = config_from_dict(state["config"], f"the config in {self.path}")
+        try:
+            tokenizer_for(state.get("vocab"), saved.model.vocab_size)
+        except ValueError as err:
+            raise UserInputError(f"checkpoint {self.path} is damaged or from another version ({err}); "
+                                 "use another checkpoint or retrain") from None
         if conflicts := resume_conflicts(saved, config):
             raise UserInputError(f"{self.path} holds another model ({', '.join(conflicts)}); resume with the "
                                  "checkpoint's model settings, or train into another out_dir")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.errors import UserInputError
+from gptcore.errors import UserInputError, shown
 from gptcore.files import atomic_write_bytes
 
 VAL_FRACTION = 0.1
@@ -128,8 +128,15 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def tokenizer_for(vocab: list[str] | str):
-    return ByteTokenizer() if vocab == ByteTokenizer.vocab else CharTokenizer(vocab)
+def tokenizer_for(vocab: object, size: int):
+    """The tokenizer of a vocabulary read from a file (a checkpoint), which must be "bytes" for
+    256 rows or `size` distinct characters; ValueError otherwise."""
+    if vocab == ByteTokenizer.vocab and size == 256:
+        return ByteTokenizer()
+    if not (isinstance(vocab, list) and len(vocab) == size == len(set(map(repr, vocab)))
+            and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
+        raise ValueError(f"its vocabulary ({shown(vocab)}) is not {size} distinct characters")
+    return CharTokenizer(vocab)
 
 
 def token_dtype(vocab_size: int):

@@ -19,7 +19,7 @@ from gptcore.config import config_from_dict
 from gptcore.batches import Batches
 from gptcore.data import CORPORA, ByteTokenizer, CharTokenizer, tokenizer_for
 from gptcore.prepare import resolve_data
-from gptcore.errors import UserInputError, shown
+from gptcore.errors import UserInputError
 from gptcore.model import GPT, parameter_count
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
 
@@ -84,12 +84,7 @@ def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
             kind = "fp32"
         else:
             model, kind = model_from_quantized(state, config)
-        vocab = state["vocab"]
-        bytes_vocab = vocab == ByteTokenizer.vocab and config.model.vocab_size == 256
-        if not bytes_vocab and not (isinstance(vocab, list) and len(vocab) == config.model.vocab_size == len(set(vocab))
-                                    and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
-            raise ValueError(f"its vocabulary ({shown(vocab)}) is not {config.model.vocab_size} distinct characters")
-        tokenizer = tokenizer_for(vocab)
+        tokenizer = tokenizer_for(state["vocab"], config.model.vocab_size)
     except UserInputError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:

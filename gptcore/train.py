@@ -25,7 +25,7 @@ import torch
 from gptcore import checkpoint, distributed, hardware, preemption
 from gptcore.config import ARCHITECTURE_KEYS, Config, batch_split, config_from_dict, resume_conflicts, write_yaml
 from gptcore.batches import Batches, Shard
-from gptcore.data import bits_unit, describe, vocabulary_name
+from gptcore.data import bits_unit, describe, tokenizer_for, vocabulary_name
 from gptcore.prepare import resolve_data
 from gptcore.errors import TrainingFailure, UserInputError, shown
 from gptcore.inference import check_header_fits_file
@@ -452,11 +452,10 @@ def starting_weights(config: Config, log) -> dict | None:
         setattr(config.model, key.split(".")[1], getattr(saved.model, key.split(".")[1]))
     check_header_fits_file(saved, "fp32", path.stat().st_size, path)
     try:
-        if saved.model.vocab_size != (256 if state["vocab"] == "bytes" else len(state["vocab"])):
-            raise KeyError(f"a vocabulary of {vocabulary_name(state['vocab'])} for {saved.model.vocab_size} embedding rows")
+        tokenizer_for(state["vocab"], saved.model.vocab_size)
         model = GPT(saved.model)
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError) as err:
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise UserInputError(f"train.init_from {path} is damaged or from another version ({str(err)[:160]})") from None
     log(f"starting from the weights of {path} ({saved.model.n_layer} layers x {saved.model.n_embd}, "
         f"{vocabulary_name(state['vocab'])}), with a fresh optimizer and schedule")

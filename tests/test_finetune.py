@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from conftest import WORDS, assert_one_line_error, gptcore_here, run_gptcore, run_metrics, write_corpus
 
@@ -77,3 +78,10 @@ def test_init_from_refuses_new_characters_another_shape_and_quantized_weights(co
     missing = gptcore_here(capsys, "train", "--config", "tiny", f"data.path={corpus}", f"out_dir={tmp_path / 'd'}",
                            f"train.init_from={tmp_path / 'nope.pt'}")
     assert_one_line_error(missing, 2, "does not exist")
+    # A checkpoint whose vocabulary is not characters (altered, or foreign) is refused, not trusted.
+    state = torch.load(ckpt, weights_only=True)
+    state["vocab"] = [["x"]] * len(state["vocab"])
+    torch.save(state, tmp_path / "odd.pt")
+    odd = gptcore_here(capsys, "train", "--config", "tiny", f"data.path={corpus}", f"out_dir={tmp_path / 'e'}",
+                       f"train.init_from={tmp_path / 'odd.pt'}")
+    assert_one_line_error(odd, 2, "is damaged or from another version", "distinct characters")
