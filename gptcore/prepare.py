@@ -260,8 +260,8 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
             jobs = [(c, clean, several, tokenizer.vocab, dtype.name) for c in chunks]
             for chunk, ids in zip(chunks, ordered_map(encode, jobs, workers)):
                 cut = min(max(split - position, 0), len(ids))
-                train.write(ids[:cut].tobytes())
-                val.write(ids[cut:].tobytes())
+                train.write(memoryview(ids[:cut]))  # the array's own buffer: no copy of the chunk
+                val.write(memoryview(ids[cut:]))
                 position += len(ids)
                 bar.advance(chunk.end - chunk.start)
             for handle in (train, val):
