@@ -357,6 +357,9 @@ def main() -> int:
     if args.section:
         return run_section(args.section, args)
     out = Path(args.out)
+    if (out / "runs").exists():  # its runs would refuse to overwrite the earlier ones, section by section
+        print(f"gpu_check: {out} holds an earlier check's runs; pass a new --out directory", file=sys.stderr)
+        return 2
     (out / "logs").mkdir(parents=True, exist_ok=True)
     names = args.only.split(",") if args.only else list(SECTIONS)
     rows, started = [], time.perf_counter()

@@ -36,3 +36,8 @@ def test_smoke_mode_runs_every_section_and_writes_the_summary(tmp_path):
     printed = result.stdout.rstrip().splitlines()
     assert printed[-1] == f"gpu_check: summary in {out / 'summary.md'}"
     assert (out / "summary.md").read_text().strip() in result.stdout
+    # A second check into the same directory is refused at once, before any section runs.
+    again = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"gpu_check: {out} holds an earlier check's runs; pass a new --out directory")
