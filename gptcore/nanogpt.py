@@ -21,6 +21,7 @@ import torch
 from gptcore import checkpoint
 from gptcore.config import Config, ModelConfig, config_from_dict
 from gptcore.errors import UserInputError, shown
+from gptcore.inference import check_header_fits_file
 from gptcore.model import GPT
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -115,6 +116,7 @@ def import_checkpoint(source: Path, meta: Path | None) -> tuple[dict, str]:
                              "tokens; pass the meta.pkl of the model's own dataset")
     weights = gptcore_weights(state["model"], source)
     vocab = sorted_vocabulary(vocab, weights)
+    check_header_fits_file(Config(model=model), "fp32", Path(source).stat().st_size, Path(source))
     gpt = GPT(model)
     try:
         gpt.load_state_dict(weights)

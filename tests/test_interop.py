@@ -184,6 +184,13 @@ def test_a_meta_pkl_that_would_run_code_is_refused_and_runs_nothing(trained, tmp
                           "--out", out)
     assert_one_line_error(result, 2, "wants to run code when unpickled", "posix.system", "nothing ran")
     assert not Payload.marker.exists() and not out.exists()
+    # model_args claiming a model far larger than the file are refused before anything is built.
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(vocab), "itos": dict(enumerate(vocab))}))
+    huge = dict(nano_ckpt, model_args={**nano_ckpt["model_args"], "n_layer": 900, "n_embd": 4096, "n_head": 32})
+    torch.save(huge, tmp_path / "huge.pt")
+    claimed = gptcore_here(capsys, "import", "--nanogpt", tmp_path / "huge.pt", "--meta", tmp_path / "meta.pkl",
+                           "--out", out)
+    assert_one_line_error(claimed, 2, "describes a model of", "its header was altered")
     # A pickle of the wrong shape is named too.
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 3, "itos": ["a", "b"]}))
     wrong = gptcore_here(capsys, "import", "--nanogpt", tmp_path / "ckpt.pt", "--meta", tmp_path / "meta.pkl",
