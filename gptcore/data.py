@@ -155,6 +155,15 @@ def sha256_bytes(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read 16 MB at a time (a corpus may not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(16 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_vocab(found: list[str] | str, expected: list[str] | str | None, source: str, owner: str) -> None:
     """Prepared tokens are ids of their own vocabulary: a run that needs another one (`owner`: a
     resumed or fine-tuned checkpoint's, or data.vocab=bytes) cannot read them. Refused before
@@ -198,7 +207,7 @@ def fetch_corpus(name: str) -> Path:
     """Download a named corpus once into the data home, verified by checksum."""
     spec = CORPORA[name]
     target = data_home() / f"{name}.txt"
-    if target.is_file() and sha256_bytes(target.read_bytes()) == spec["sha256"]:
+    if target.is_file() and file_sha256(target) == spec["sha256"]:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(

@@ -45,7 +45,7 @@ class PlainUnpickler(pickle.Unpickler):
         raise UserInputError(f"{self.source} refers to objects outside itself; it is not a nanoGPT meta.pkl")
 
 
-def read_meta(path: Path) -> list[str]:
+def read_vocabulary(path: Path) -> list[str]:
     """The character vocabulary of a nanoGPT meta.pkl, by token id."""
     path = Path(path)
     if not path.is_file():
@@ -110,7 +110,7 @@ def import_checkpoint(source: Path, meta: Path | None) -> tuple[dict, str]:
         hint = f"data/{dataset}/meta.pkl" if isinstance(dataset, str) and dataset.isprintable() else "data/<dataset>/meta.pkl"
         raise UserInputError(f"gptcore is character-level and needs the model's vocabulary: pass --meta {hint} "
                              "(written by nanoGPT's prepare.py)")
-    vocab = read_meta(meta)
+    vocab = read_vocabulary(meta)
     if len(vocab) != model.vocab_size:
         raise UserInputError(f"{meta} has {len(vocab)} characters but {source} was trained for {model.vocab_size} "
                              "tokens; pass the meta.pkl of the model's own dataset")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import hashlib
 import json
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gptcore.data import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
-                          fetch_corpus, read_meta, text_vocabulary, token_dtype)
+                          fetch_corpus, file_sha256, read_meta, text_vocabulary, token_dtype)
 from gptcore.errors import UserInputError
 from gptcore.files import atomic_write_bytes, fsync_directory
 
@@ -300,14 +299,6 @@ def prepare(sources: list[str], out_dir: Path | None, clean: str = "none", downl
         out_dir = Path(out_dir)
     return out_dir, prepare_corpus(paths, out_dir, clean, ByteTokenizer.vocab if vocab == "bytes" else None,
                                    "--vocab bytes", workers)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_data(path: str, clean: str, scratch_dir: Path, expected_vocab: list[str] | str | None = None,
