@@ -36,7 +36,7 @@ from gptcore import checkpoint  # noqa: E402
 from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
-from gptcore.train import make_optimizer  # noqa: E402
+from gptcore.optim import make_optimizer  # noqa: E402
 
 
 class Data:  # the data position a checkpoint holds

@@ -25,6 +25,7 @@ from gptcore import distributed
 from gptcore.config import Config, config_from_dict, resume_conflicts
 from gptcore.data import tokenizer_for
 from gptcore.errors import TrainingFailure, UserInputError, shown
+from gptcore.model import parameter_count
 from gptcore.files import atomic_write, atomic_write_bytes, write_new_directory  # noqa: F401  (callers save through here)
 
 FORMAT = "gptcore-checkpoint"
@@ -103,6 +104,19 @@ def foreign_directory(path: Path) -> str:
     return "; pass a checkpoint file (ckpt.pt)"
 
 
+BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def check_header_fits_file(config, kind: str, file_bytes: int, path: Path) -> None:
+    """A header may describe a model no larger than its file can hold: a 40 KB file claiming
+    100,000 layers is refused before anything is built (which would take minutes and GBs)."""
+    needed = parameter_count(config.model) * BYTES_PER_PARAMETER.get(kind, 4)
+    if needed > 1.05 * file_bytes + 2**20:
+        raise UserInputError(f"checkpoint {path} describes a model of {parameter_count(config.model):,} parameters "
+                             f"({needed / 1e6:,.0f} MB as {kind}) in a {file_bytes / 1e6:,.1f} MB file: its header "
+                             "was altered or the file is cut short; use another checkpoint or retrain")
+
+
 def load(path: Path, expected_format: str | None = None) -> dict:
     """Read a gptcore checkpoint or raise one clear UserInputError, which names what a foreign
     file is (a nanoGPT checkpoint, a Hugging Face directory, safetensors) and how to convert it."""
@@ -114,6 +128,20 @@ def load(path: Path, expected_format: str | None = None) -> dict:
         raise UserInputError(f"{path} is not a gptcore checkpoint; pass a ckpt.pt written by `gptcore train`")
     if expected_format and state["format"] != expected_format:
         raise UserInputError(f"{path} is a {shown(state['format'])} file, expected {expected_format}")
+    return state
+
+
+def check_resumable(state: dict, config: Config, where: Path) -> dict:
+    """A checkpoint's state, once its vocabulary is whole and its model is the one asked for."""
+    saved = config_from_dict(state["config"], f"the config in {where}")
+    try:
+        tokenizer_for(state.get("vocab"), saved.model.vocab_size)
+    except ValueError as err:
+        raise UserInputError(f"checkpoint {where} is damaged or from another version ({err}); "
+                             "use another checkpoint or retrain") from None
+    if conflicts := resume_conflicts(saved, config):
+        raise UserInputError(f"{where} holds another model ({', '.join(conflicts)}); resume with the "
+                             "checkpoint's model settings, or train into another out_dir")
     return state
 
 
@@ -217,17 +245,7 @@ class Checkpointer:
         if config.resume != "auto":
             raise UserInputError(
                 f"{self.path} already exists; pass resume=auto to continue that run or choose another out_dir")
-        state = load(self.path, FORMAT)
-        saved = config_from_dict(state["config"], f"the config in {self.path}")
-        try:
-            tokenizer_for(state.get("vocab"), saved.model.vocab_size)
-        except ValueError as err:
-            raise UserInputError(f"checkpoint {self.path} is damaged or from another version ({err}); "
-                                 "use another checkpoint or retrain") from None
-        if conflicts := resume_conflicts(saved, config):
-            raise UserInputError(f"{self.path} holds another model ({', '.join(conflicts)}); resume with the "
-                                 "checkpoint's model settings, or train into another out_dir")
-        return state
+        return check_resumable(load(self.path, FORMAT), config, self.path)
 
     def kept(self) -> str:
         """What survives a failure, for its message."""

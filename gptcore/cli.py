@@ -83,7 +83,7 @@ def cmd_train(args) -> None:
         if finished and trainer.is_main and config.train.sample_tokens:
             from gptcore.inference import generate_text, load_model
 
-            loaded = load_model(trainer.ckpt_path, str(trainer.device))
+            loaded = load_model(trainer.checkpointer.path, str(trainer.device))
             text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
             print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
             print(text.strip("\n"))
@@ -92,7 +92,7 @@ def cmd_train(args) -> None:
 
             add_sample_text(config, result.out_dir, result.final_step, text)
         if finished and trainer.is_main:
-            print(training_summary(result, trainer.best_val, trainer.ckpt_path, format_eta(time.monotonic() - started),
+            print(training_summary(result, trainer.best_val, trainer.checkpointer.path, format_eta(time.monotonic() - started),
                                    bits_unit(trainer.batches.meta["vocab"])))
 
 
@@ -218,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory or a nanoGPT checkpoint")
-    p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train or import")
-    p.add_argument("--format", required=True, choices=["hf", "nanogpt"],
-                   help="hf: config.json, model.safetensors and a tokenizer for transformers; "
-                        "nanogpt: ckpt.pt and meta.pkl")
-    p.add_argument("--out", required=True, help="a new directory")
+    p = sub.add_parser("export", help="a sharded checkpoint as one file, or a checkpoint as a Hugging Face "
+                                      "directory or a nanoGPT checkpoint")
+    p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train or import, or a train.parallel=fsdp "
+                                                 "run directory (its newest ckpt-NNNNNNNN/)")
+    p.add_argument("--format", default="gptcore", choices=["gptcore", "hf", "nanogpt"],
+                   help="gptcore (default): a sharded checkpoint as one ckpt.pt file; hf: config.json, "
+                        "model.safetensors and a tokenizer for transformers; nanogpt: ckpt.pt and meta.pkl")
+    p.add_argument("--out", required=True, help="a new file (gptcore) or directory (hf, nanogpt)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="a nanoGPT checkpoint as a gptcore one")

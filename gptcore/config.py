@@ -62,6 +62,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast where the GPU or CPU does bf16 natively | float32 | bfloat16
     compile: str = "auto"  # auto: torch.compile on CUDA, not on the CPU (where it did not pay) | true | false
     deterministic: bool = False  # bit-identical runs on CUDA too: deterministic kernels, no TF32 (slower)
+    parallel: str = "ddp"  # ddp: a whole copy per rank | fsdp: each rank holds 1/N (FSDP2), sharded checkpoints
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3); false: keep (ZeRO-2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward, for memory
     single_rank_group: bool = False  # one rank still forms a process group and wraps DDP (measures DDP's cost)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
     init_from: str = ""  # start from this fp32 checkpoint's weights (fresh optimizer and schedule): fine-tuning
@@ -115,6 +118,7 @@ CHOICES = {
     "data.clean": ("none", "seed"),
     "data.vocab": ("chars", "bytes"),
     "train.scaling": ("strong", "weak"),
+    "train.parallel": ("ddp", "fsdp"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "train.compile": ("auto", "true", "false"),

@@ -5,6 +5,7 @@ a nanoGPT one.
 
     gptcore quantize --ckpt runs/cpu/ckpt.pt --mode int8 --out runs/cpu/ckpt_int8.pt
     gptcore export --ckpt runs/cpu/ckpt.pt --format hf --out runs/cpu/hf
+    gptcore export --ckpt runs/fsdp --out runs/fsdp/ckpt_whole.pt   (a sharded checkpoint as one file)
     gptcore import --nanogpt out-shakespeare-char/ckpt.pt --meta data/shakespeare_char/meta.pkl --out ckpt.pt
 
 The report (printed, and saved beside the output as .json): file sizes, val loss and bits/char
@@ -22,6 +23,7 @@ from gptcore import checkpoint
 from gptcore.files import atomic_write_bytes, write_new_directory
 from gptcore.errors import UserInputError
 from gptcore.inference import decode_speed, evaluate, load_model, resolve_device
+from gptcore.sharded import consolidate, is_sharded, open_checkpoint, size_on_disk
 from gptcore.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
 
 DEFAULT_GROUP_SIZE = 64
@@ -87,7 +89,7 @@ def quantize_command(args) -> None:
     for flag, lowest in (("eval_batches", 0), ("batch_size", 1), ("bench_tokens", 0), ("threads", 1)):
         if getattr(args, flag) < lowest:
             raise UserInputError(f"--{flag.replace('_', '-')} must be at least {lowest}, got {getattr(args, flag)}")
-    state = checkpoint.load(source)
+    state = open_checkpoint(source)
     if state["format"] == FORMAT:
         raise UserInputError(f"{source} is already quantized ({state.get('mode')}); pass the fp32 ckpt.pt "
                              "written by `gptcore train`")
@@ -104,7 +106,7 @@ def quantize_command(args) -> None:
     report = {
         "mode": args.mode, "group_size": quantized_state["group_size"], "source": str(source), "out": str(out),
         "size_bytes": {"fp32": serialized_size(fp32_model_checkpoint(state)), args.mode: out.stat().st_size,
-                       "source_file": source.stat().st_size},
+                       "source_file": size_on_disk(source)},
     }
     report["size_ratio"] = report["size_bytes"][args.mode] / report["size_bytes"]["fp32"]
     report.update(measure(reference, quantized, args))
@@ -119,6 +121,8 @@ def quantize_command(args) -> None:
 def export_command(args) -> None:
     from gptcore import hf, nanogpt
 
+    if args.format == "gptcore":
+        return consolidate_command(Path(args.ckpt), Path(args.out))
     loaded = load_model(args.ckpt, "cpu")
     if loaded.kind != "fp32":
         raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export writes full-precision weights only: "
@@ -132,7 +136,7 @@ def export_command(args) -> None:
         files = hf.hf_directory(state, model, vocab)
         use = f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and AutoTokenizer.from_pretrained({str(args.out)!r})"
     else:
-        raw = checkpoint.load(args.ckpt)
+        raw = open_checkpoint(args.ckpt)
         files = nanogpt.nanogpt_files(state, model, vocab, Path(loaded.config.data.path).stem or "gptcore",
                                       int(raw.get("step", 0)), float(raw.get("best_val_loss", float("inf"))))
         use = f"nanoGPT's sample.py --out_dir={args.out} (it reads meta.pkl from data/<dataset>/: copy it there)"
@@ -150,3 +154,17 @@ def import_command(args) -> None:
     checkpoint.save(state, out)
     print(f"wrote {out} from {args.nanogpt}: {described}")
     print(f"next: gptcore sample --ckpt {out} --prompt \"...\" | gptcore eval --ckpt {out} --data TEXT")
+
+
+def consolidate_command(source: Path, out: Path) -> None:
+    """A sharded checkpoint (train.parallel=fsdp) as one file, optimizer state included."""
+    if not is_sharded(source):
+        raise UserInputError(f"{source} holds no sharded checkpoint: --format gptcore makes one file of a "
+                             "train.parallel=fsdp run's ckpt-NNNNNNNN/ (a ckpt.pt already is one)")
+    if out.exists():
+        raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+    state = consolidate(source)
+    checkpoint.save(state, out)
+    print(f"wrote {out}: step {state['step']} of {source}, saved by {state['world_size']} rank(s), as one file")
+    print(f"next: gptcore sample --ckpt {out} --prompt \"...\" | gptcore eval --ckpt {out} | "
+          f"resume it under train.parallel=ddp as RUN_DIR/ckpt.pt")

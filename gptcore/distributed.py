@@ -22,7 +22,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from gptcore.errors import LostRanks, UserInputError
 
@@ -250,21 +249,6 @@ def init_process_group(contract: RankContract, device: torch.device, timeout_s: 
 def backend_name() -> str:
     """What really carries the collectives: nccl, gloo, or none without a process group."""
     return dist.get_backend() if is_initialized() else "none"
-
-
-def parallelize(model: torch.nn.Module, device: torch.device, compile_model: bool,
-                comm_hook=None) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
-    """The module that training calls, and its DDP wrapper when there is a process group (for
-    no_sync). DDP goes inside torch.compile, so that compile splits the graph at DDP's bucket
-    boundaries and the all-reduce of one bucket overlaps the backward of the next. comm_hook, if
-    given, all-reduces each bucket (profiling.AllReduceTimer.hook times them)."""
-    ddp = None
-    if is_initialized():
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if comm_hook is not None:
-            ddp.register_comm_hook(None, comm_hook)
-        model = ddp
-    return (torch.compile(model) if compile_model else model), ddp
 
 
 def lost_peer(err: BaseException) -> bool:

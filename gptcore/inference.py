@@ -20,8 +20,9 @@ from gptcore.batches import Batches
 from gptcore.data import CORPORA, ByteTokenizer, CharTokenizer, tokenizer_for
 from gptcore.prepare import resolve_data
 from gptcore.errors import UserInputError
-from gptcore.model import GPT, parameter_count
+from gptcore.model import GPT
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
+from gptcore.sharded import consolidate, is_sharded
 
 DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
 
@@ -59,25 +60,15 @@ def resolve_device(choice: str, kind: str) -> torch.device:
     return device
 
 
-BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
-
-
-def check_header_fits_file(config, kind: str, file_bytes: int, path: Path) -> None:
-    """A header may describe a model no larger than its file can hold: a 40 KB file claiming
-    100,000 layers is refused before anything is built (which would take minutes and GBs)."""
-    needed = parameter_count(config.model) * BYTES_PER_PARAMETER.get(kind, 4)
-    if needed > 1.05 * file_bytes + 2**20:
-        raise UserInputError(f"checkpoint {path} describes a model of {parameter_count(config.model):,} parameters "
-                             f"({needed / 1e6:,.0f} MB as {kind}) in a {file_bytes / 1e6:,.1f} MB file: its header "
-                             "was altered or the file is cut short; use another checkpoint or retrain")
-
-
 def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
-    state = checkpoint.load(ckpt_path)
+    """A checkpoint file, or a sharded checkpoint (its directory or its run's), ready to generate."""
+    sharded = is_sharded(ckpt_path)
+    state = consolidate(ckpt_path) if sharded else checkpoint.load(ckpt_path)
     try:
         config = config_from_dict(state["config"], f"the config in {ckpt_path}")
         kind = "fp32" if state["format"] == checkpoint.FORMAT else str(state.get("mode"))
-        check_header_fits_file(config, kind, Path(ckpt_path).stat().st_size, Path(ckpt_path))
+        if not sharded:  # consolidate checked the shards' size
+            checkpoint.check_header_fits_file(config, kind, Path(ckpt_path).stat().st_size, Path(ckpt_path))
         if state["format"] == checkpoint.FORMAT:
             model = GPT(config.model)
             model.load_state_dict(state["model"])

@@ -21,7 +21,7 @@ import torch
 from gptcore import checkpoint
 from gptcore.config import Config, ModelConfig, config_from_dict
 from gptcore.errors import UserInputError, shown
-from gptcore.inference import check_header_fits_file
+from gptcore.checkpoint import check_header_fits_file
 from gptcore.model import GPT
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")

@@ -23,21 +23,23 @@ import psutil
 import torch
 
 from gptcore import checkpoint, distributed, hardware, preemption
+from gptcore.parallel import describe_memory, local, parallelize, peak_memory, state_bytes
 from gptcore.config import ARCHITECTURE_KEYS, Config, batch_split, config_from_dict, resume_conflicts, write_yaml
 from gptcore.batches import Batches, Shard
 from gptcore.data import bits_unit, describe, tokenizer_for, vocabulary_name
 from gptcore.prepare import resolve_data
 from gptcore.errors import TrainingFailure, UserInputError, shown
-from gptcore.inference import check_header_fits_file
+from gptcore.checkpoint import check_header_fits_file
 from gptcore.model import GPT, parameter_count
+from gptcore.optim import make_optimizer
 from gptcore.preemption import requeue_slurm_job
 from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
 from gptcore.rundir import RunLock, claim, move_aside
+from gptcore.sharded import checkpointer_for
 from gptcore.sinks import RunLog, check_sinks, open_run_log
 from gptcore.watchdog import Watchdog
 
-CHECKPOINT_NAME = "ckpt.pt"
-# What a run writes into its directory besides the checkpoint; a fresh run moves an earlier one's aside.
+# What a run writes into its directory besides its checkpoints; a fresh run moves an earlier one's aside.
 EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang", "tb", "wandb", "wandb_run_id")
 
 
@@ -50,22 +52,6 @@ def lr_at(step: int, config: Config) -> float:
     span = max(1, t.max_iters - t.warmup_iters)
     progress = min(1.0, (step - t.warmup_iters) / span)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms); the fused kernel when the
-    device has one, which does the whole update in one pass over the parameters."""
-    t = config.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2))
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -102,14 +88,15 @@ def set_numerics(deterministic: bool, device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def check_memory(config: Config, rows_per_rank: int, device: torch.device) -> None:
+def check_memory(config: Config, rows_per_rank: int, device: torch.device, world_size: int = 1) -> None:
     """Refuse, before allocating, a model and batch that cannot fit the device's memory: fp32
-    weights, gradients and AdamW's two moments (16 bytes a parameter), and one micro-batch's
+    weights, gradients and AdamW's two moments (16 bytes a parameter, 1/N of it per rank under
+    fsdp, which also gathers one block's weights at a time), and one micro-batch's
     activations (about 68 bytes per token, layer and channel in fp32, after Korthikanti et al.,
     with flash attention, plus the logits)."""
     m = config.model
     params = parameter_count(m)
-    state = 16 * params
+    state = 16 * params / world_size if config.train.parallel == "fsdp" else 16 * params
     tokens = rows_per_rank * m.block_size
     activations = tokens * (68 * m.n_layer * m.n_embd + 12 * m.vocab_size)
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -131,7 +118,7 @@ def still_finite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autoc
     with autocast:
         _, loss = model(x, y)
     model.train()
-    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    finite = torch.stack([torch.isfinite(local(p)).all() for p in model.parameters()]).all()
     return bool(finite & torch.isfinite(loss))
 
 
@@ -171,7 +158,6 @@ class Trainer:
         self.config = config
         self.contract = contract or distributed.read_contract()
         self.out_dir = Path(config.out_dir)
-        self.ckpt_path = self.out_dir / CHECKPOINT_NAME
         self.is_main = self.contract.is_main
         self.lock = RunLock(self.out_dir)
 
@@ -190,7 +176,8 @@ class Trainer:
         self.device = distributed.choose_device(contract, t.device)
         set_numerics(t.deterministic, self.device)
         distributed.preflight(contract, cuda_devices=torch.cuda.device_count() if self.device.type == "cuda" else 0)
-        distributed.init_process_group(contract, self.device, t.timeout_s, str(self.out_dir), t.single_rank_group)
+        distributed.init_process_group(contract, self.device, t.timeout_s, str(self.out_dir),
+                                       t.single_rank_group or t.parallel == "fsdp")  # FSDP shards over a group
         if contract.world_size > 1:  # every rank, so a multi-node log shows where each one ran
             print(f"rank {contract.rank}/{contract.world_size} on {socket.gethostname()}: "
                   f"{torch.get_num_threads()} thread(s), {self.threads.reason()}", flush=True)
@@ -198,7 +185,7 @@ class Trainer:
         refused = claim(self.lock, self.log) if self.is_main else None
         if distributed.any_rank(refused is not None, self.device):
             raise refused or UserInputError(f"rank 0 could not take {self.out_dir}; see its log")
-        self.checkpointer = checkpoint.Checkpointer(self.ckpt_path, self.device, contract.rank, t.ckpt_background)
+        self.checkpointer = checkpointer_for(config, self.out_dir, self.device, contract.rank)
         resume_state = self.checkpointer.existing(config)
         start = None if resume_state else starting_weights(config, self.log)  # a resumed fine-tuning run continues
         if not resume_state and self.is_main and (moved := move_aside(self.out_dir, EARLIER_RUN_FILES)):
@@ -212,22 +199,23 @@ class Trainer:
         self.batches = Batches(data_dir, config.model.block_size, t.seed, Shard(contract.rank, contract.world_size),
                                self.device)
         config.model.vocab_size = self.batches.meta["vocab_size"]
-        check_memory(config, self.per_rank_batch, self.device)
+        check_memory(config, self.per_rank_batch, self.device, contract.world_size)
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.model = GPT(config.model).to(self.device)
         if start:
             self.model.load_state_dict(start["model"])
         torch.manual_seed(t.seed + contract.rank)  # but different dropout masks per rank
-        self.optimizer = make_optimizer(self.model, config)
-        self.start_step, self.best_val = 0, float("inf")
+        dtype = autocast_dtype(config, self.device)
+        self.comm = AllReduceTimer(self.device) if config.profile.comm and t.parallel == "ddp" else None
+        self.parallel = parallelize(self.model, self.device, t.parallel, compiles(config, self.device), dtype,
+                                    t.reshard_after_forward, t.activation_checkpointing,
+                                    self.comm.hook if self.comm else None)
+        self.optimizer = make_optimizer(self.model, config)  # over the parameters as parallelize left them
+        self.start_step, self.best_val, self.memory = 0, float("inf"), None
         if resume_state:
             self.start_step, self.best_val = self.checkpointer.restore(resume_state, self.model, self.optimizer,
                                                                        self.batches)
-            self.log(f"resumed from {self.ckpt_path} at step {self.start_step}")
-        self.comm = AllReduceTimer(self.device) if config.profile.comm else None
-        self.compute_model, self.ddp = distributed.parallelize(self.model, self.device, compiles(config, self.device),
-                                                               self.comm.hook if self.comm else None)
-        dtype = autocast_dtype(config, self.device)
+            self.log(f"resumed from {self.checkpointer.path} at step {self.start_step}")
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext())
         self.dtype_name = str(dtype).replace("torch.", "") if dtype else "float32"
         self.peak_tflops = t.peak_tflops or hardware.peak_tflops(
@@ -243,11 +231,10 @@ class Trainer:
         for micro in range(accum):
             with timer.phase("data"):
                 x, y = self.batches.next_train(self.global_batch)
-            # Gradients are all-reduced once per optimizer step, on the last micro-step.
-            skip_sync = self.ddp is not None and micro < accum - 1
-            with self.ddp.no_sync() if skip_sync else nullcontext():
+            # Gradients are reduced across ranks once per optimizer step, on the last micro-step.
+            with self.parallel.gradient_sync(micro == accum - 1):
                 with timer.phase("forward"), self.autocast:
-                    _, loss = self.compute_model(x, y)
+                    _, loss = self.parallel.compute_model(x, y)
                     loss = loss / accum
                 with timer.phase("backward"):
                     loss.backward()
@@ -278,13 +265,14 @@ class Trainer:
         watchdog.window_done(elapsed)
         tokens_per_s = self.global_batch * t.grad_accum * self.config.model.block_size * steps / elapsed
         mfu = hardware.mfu(tokens_per_s, self.model.flops_per_token(), contract.world_size, self.peak_tflops)
+        peak = peak_memory(self.device)
         self.log(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * elapsed / steps:.1f} ms/step | "
                  f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                 + f" | ETA {format_eta(eta)}")
+                 + (f" | peak {peak['peak_memory_bytes'] / 2**30:.2f} GiB" if peak else "") + f" | ETA {format_eta(eta)}")
         comm = self.comm.drain() if self.comm else None
         metrics.write({"step": step, "loss": loss, "lr": lr, "ms_per_step": 1000 * elapsed / steps,
                        "tokens_per_s": tokens_per_s, **({"mfu": mfu} if mfu is not None else {}),
-                       **({"comm": comm} if comm else {}),
+                       **({"comm": comm} if comm else {}), "memory": {**self.memory, **peak},
                        "world_size": contract.world_size, "phases_ms": timer.drain(), "time": time.time()})
         return loss
 
@@ -301,11 +289,13 @@ class Trainer:
     def _log_start(self, metrics: RunLog) -> None:
         t = self.config.train
         self.log(f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
+                 f"parallel={t.parallel} "
                  f"dtype={self.dtype_name} backend={distributed.backend_name()} "
                  f"compile={'on' if compiles(self.config, self.device) else 'off'} "
                  f"deterministic={'on' if t.deterministic else 'off'}")
         self.log(f"threads: {torch.get_num_threads()} per rank, {self.threads.reason()}")
-        metrics.write({**self.threads.record(), "world_size": self.contract.world_size, "dtype": self.dtype_name,
+        metrics.write({**self.threads.record(), "world_size": self.contract.world_size, "parallel": t.parallel,
+                       "dtype": self.dtype_name,
                        "host": socket.gethostname(), "time": time.time()})
         self.log(f"data: {describe(self.batches.meta)}")
         peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
@@ -374,9 +364,11 @@ class Trainer:
                     step_loss = self._micro_steps(timer)
                     with timer.phase("optimizer"):
                         if t.grad_clip > 0:
-                            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                            diverged |= ~torch.isfinite(norm)
+                            diverged |= ~torch.isfinite(self.parallel.clip_gradients(t.grad_clip))
                         self.optimizer.step()
+                        if self.memory is None:  # the first step: gradients and AdamW's moments exist now
+                            self.memory = state_bytes(self.model, self.optimizer)
+                            self.log(describe_memory(self.memory))
                         self.optimizer.zero_grad(set_to_none=True)
                     diverged |= ~torch.isfinite(step_loss)
                     timer.step_done()
@@ -412,10 +404,10 @@ class Trainer:
             metrics.close()
         distributed.barrier()
         if stopped_by:
-            self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {self.ckpt_path} saved; "
+            self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {self.checkpointer.path} saved; "
                      "a rerun with resume=auto continues from it")
             if preemption.FLAG.requeues and t.requeue and self.is_main and (requeued := requeue_slurm_job()):
-                self.log(f"{requeued}; it resumes from {self.ckpt_path}")
+                self.log(f"{requeued}; it resumes from {self.checkpointer.path}")
         return TrainResult(step, loss_value, val_loss, stopped_by is not None, self.out_dir)
 
     def _diverged(self, step: int) -> TrainingFailure:
