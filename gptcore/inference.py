@@ -22,7 +22,7 @@ from gptcore.prepare import resolve_data
 from gptcore.errors import UserInputError
 from gptcore.model import GPT
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
-from gptcore.sharded import consolidate, is_sharded
+from gptcore.sharded import checkpoint_directory, consolidate, is_sharded
 
 DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
 
@@ -82,7 +82,8 @@ def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
         raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({str(err)[:200]}); "
                              "retrain or re-export it") from None
     target = resolve_device(device, kind)
-    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target, Path(ckpt_path))
+    path = checkpoint_directory(ckpt_path) if sharded else Path(ckpt_path)  # its run's data is beside it
+    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target, path)
 
 
 def timed_generate(loaded: LoadedModel, idx: torch.Tensor, tokens: int, seed: int, temperature: float,

@@ -49,9 +49,16 @@ def newest(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.name) if found else None
 
 
-def is_sharded(path: Path) -> bool:
+def checkpoint_directory(path: Path) -> Path | None:
+    """The sharded checkpoint a path names: the checkpoint's own directory, or its run's newest."""
     path = Path(path)
-    return path.is_dir() and ((path / RUN_FILE).is_file() or newest(path) is not None)
+    if not path.is_dir():
+        return None
+    return path if (path / RUN_FILE).is_file() else newest(path)
+
+
+def is_sharded(path: Path) -> bool:
+    return checkpoint_directory(path) is not None
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -126,7 +133,7 @@ def consolidate(path: Path) -> dict:
     """A sharded checkpoint (its directory, or the run directory that holds it) as the state of a
     single-file checkpoint, optimizer included, in this one process: `gptcore export` writes it,
     sample / eval / quantize read it."""
-    directory = Path(path) if (Path(path) / RUN_FILE).is_file() else newest(path)
+    directory = checkpoint_directory(path)
     if directory is None:
         raise UserInputError(f"{path} holds no sharded checkpoint (ckpt-NNNNNNNN/); pass a run directory of a "
                              "train.parallel=fsdp run")
@@ -245,10 +252,9 @@ def checkpointer_for(config: Config, run_dir: Path, device: torch.device, rank: 
 
 def size_on_disk(path: Path) -> int:
     """Bytes of a checkpoint file, or of a sharded checkpoint's files."""
-    path = Path(path)
-    if not is_sharded(path):
-        return path.stat().st_size
-    directory = path if (path / RUN_FILE).is_file() else newest(path)
+    directory = checkpoint_directory(path)
+    if directory is None:
+        return Path(path).stat().st_size
     return sum(part.stat().st_size for part in directory.iterdir() if part.is_file())
 
 

@@ -56,8 +56,8 @@ class Cluster:
     def __init__(self, env: dict, tmp_path: Path):
         self.env, self.tmp_path, self.submitted = env, tmp_path, []
 
-    def sbatch(self, launcher: str, run_dir: Path, *overrides) -> str:
-        env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir)}
+    def sbatch(self, launcher: str, run_dir: Path, *overrides, extra: str = "") -> str:
+        env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir), "EXTRA": extra}
         result = subprocess.run(
             ["sbatch", "--parsable", *TWO_NODES, f"--job-name=mn-{launcher}",
              f"--output={self.tmp_path}/%x-%j.out", "slurm/train_multinode.sbatch", *TINY, *map(str, overrides)],
@@ -100,8 +100,15 @@ def rank_hosts(log: str) -> dict[int, str]:
 
 
 def checkpoint_step(run_dir: Path) -> int:
+    """The step of a run's checkpoint: its ckpt.pt, or its newest sharded one (train.parallel=fsdp)."""
     from gptcore.checkpoint import load
-    return load(run_dir / "ckpt.pt")["step"]
+    from gptcore.sharded import newest, read_run
+    return load(run_dir / "ckpt.pt")["step"] if (run_dir / "ckpt.pt").exists() else read_run(newest(run_dir))["step"]
+
+
+# Both launchers with DDP, and torchrun with FSDP (EXTRA="train.parallel=fsdp", as a user sets it).
+LAUNCHES = [("srun", "ddp"), ("torchrun", "ddp"), ("torchrun", "fsdp")]
+# FSDP's loss curve is checked against one rank's in test_fsdp.py: across two nodes its preemption test suffices.
 
 
 def rank_pid(job: str, rank: int) -> int:
@@ -118,13 +125,13 @@ def rank_pid(job: str, rank: int) -> int:
     raise AssertionError(f"no rank {rank} process of job {job}")
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, launcher):
+@pytest.mark.parametrize("launcher, parallel", LAUNCHES[:2])
+def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, launcher, parallel):
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}")
+    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", extra=f"train.parallel={parallel}")
     assert wait_until_ended(cluster.env, job, 120) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
-    assert f"world_size=2 launcher={launcher} device=cpu" in log
+    assert f"world_size=2 launcher={launcher} device=cpu parallel={parallel}" in log
     assert sorted(rank_hosts(log).values()) == ["node1", "node2"], log
     assert sacct(cluster.env, job) == ["COMPLETED"]
     losses = step_losses(run_dir)
@@ -175,21 +182,23 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
 
 
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, parallel", LAUNCHES)
+def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path, launcher,
+                                                                             parallel):
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG)
-    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    iters = 2000 if parallel == "ddp" else 600  # FSDP's steps are several collectives each over the bridge
+    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG, f"train.max_iters={iters}",
+                         extra=f"train.parallel={parallel}")
+    wait_until(lambda: f"step 200/{iters}" in cluster.log(job), 90, "step 200")
     slurm_command(cluster.env, "scancel", "--signal=USR1", job)
     assert wait_until_ended(cluster.env, job, 150) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert job_info(cluster.env, job)["Restarts"] == "1" and sacct(cluster.env, job) == ["COMPLETED"]
-    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
-    assert logged == list(range(100, 2001, 100))  # every step once: none lost, none repeated
-    assert checkpoint_step(run_dir) == 2000
+    assert logged == list(range(100, iters + 1, 100))  # every step once: none lost, none repeated
+    assert checkpoint_step(run_dir) == iters
 
 
 def test_sweep_across_one_and_two_nodes_reports_the_measured_link(cluster, corpus, tmp_path):

@@ -4,6 +4,7 @@ submitted from the repository root as a user would; their runs/ and logs/ files 
 afterwards. Skipped when Slurm's clients are missing or the cluster is not up."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`ba
 
 # A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
 LONG = ["train.max_iters=2000", "train.log_interval=50", "train.eval_interval=500"]
+SHORTER = ["train.max_iters=600", "train.log_interval=50", "train.eval_interval=600"]
 
 
 def run(*args, timeout=30, env=None) -> str:
@@ -118,6 +120,40 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     assert f"starting from the weights of runs/test-4gpu-{train}/ckpt.pt (2 layers x 32" in log_text("test-finetune", finetune)
     tuned = yaml.safe_load((REPO / "runs" / f"test-finetune-{finetune}" / "config.yaml").read_text())
     assert tuned["model"]["n_embd"] == 32 and tuned["model"]["dropout"] == 0.2 and tuned["train"]["lr"] == 3e-4
+
+
+def test_fsdp_on_the_four_rank_template_shards_its_checkpoint_and_quantize_reads_it(jobs, corpus):
+    env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0 train.parallel=fsdp"}
+    train = jobs.sbatch("--job-name=test-4fsdp", "slurm/train_4gpu.sbatch", f"data.path={corpus}", env=env)
+    quantize = jobs.sbatch("--job-name=test-quantize", f"--dependency=afterok:{train}",
+                           f"--export=ALL,RUN_DIR=runs/test-4fsdp-{train},MODES=int8", "slurm/quantize.sbatch")
+    assert wait_until_ended(ENV, train, 120) == "COMPLETED", log_text("test-4fsdp", train)
+    assert "world_size=4 launcher=srun device=cpu parallel=fsdp" in log_text("test-4fsdp", train)
+    run_dir = REPO / "runs" / f"test-4fsdp-{train}"
+    assert sorted(p.name for p in (run_dir / "ckpt-00000020").glob("*.distcp")) == [
+        f"__{rank}_0.distcp" for rank in range(4)]
+    assert wait_until_ended(ENV, quantize, 120) == "COMPLETED", log_text("test-quantize", quantize)
+    assert (run_dir / "ckpt_int8.pt").is_file() and not (run_dir / "ckpt.pt").exists()
+
+
+def test_scancel_of_a_sharded_run_checkpoints_and_a_resubmission_resumes_it(jobs, corpus):
+    """SIGTERM to a train.parallel=fsdp run (whose steps cost more collectives on a tiny model: fewer of them)."""
+    env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0 train.parallel=fsdp"}
+    job = jobs.sbatch("--job-name=test-fsdp-cancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *SHORTER, env=env)
+    run_dir = REPO / "runs" / f"test-fsdp-cancel-{job}"
+    wait_until(lambda: "step 100/600" in log_text("test-fsdp-cancel", job), 90, "step 100")
+    run("scancel", job)
+    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/600: checkpoint (\S+) saved",
+                        log_text("test-fsdp-cancel", job))
+    assert stopped and stopped.group(2) == f"runs/test-fsdp-cancel-{job}/ckpt-{int(stopped.group(1)):08d}"
+    again = jobs.sbatch("--job-name=test-fsdp-cancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *SHORTER,
+                        env={**env, "RUN_DIR": f"runs/test-fsdp-cancel-{job}"})
+    assert wait_until_ended(ENV, again, 150) == "COMPLETED", log_text("test-fsdp-cancel", again)
+    assert f"resumed from {stopped.group(2)} at step {stopped.group(1)}" in log_text("test-fsdp-cancel", again)
+    logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 600  # none repeated
+    assert [p.name for p in run_dir.glob("ckpt-*")] == ["ckpt-00000600"]
 
 
 @pytest.fixture(scope="module")
