@@ -29,23 +29,31 @@ def save(figure, path: Path) -> None:
 
 
 def size_label(row: dict) -> str:
-    return str(row["world_size"]) if row["nodes"] == 1 else f"{row['world_size']} ({row['nodes']} nodes)"
+    label = str(row["world_size"]) if row["nodes"] == 1 else f"{row['world_size']} ({row['nodes']} nodes)"
+    return f"{label} {row['parallel']}" if row.get("parallel", "ddp") != "ddp" else label
 
 
-def by_nodes(rows: list[dict]) -> dict[int, list[dict]]:
-    """Rows per node count, so that runs within a node and across nodes get a line each."""
-    groups: dict[int, list[dict]] = {}
+def line_label(parallel: str, nodes: int, mixed: bool) -> str:
+    where = f"{nodes} node{'s' if nodes > 1 else ''}"
+    return f"{parallel}, {where}" if mixed else where
+
+
+def by_line(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Rows per (strategy, node count), so that DDP and FSDP, and runs within a node and across
+    nodes, get a line each."""
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["nodes"], []).append(r)
+        groups.setdefault((r.get("parallel", "ddp"), r["nodes"]), []).append(r)
     return groups
 
 
 def interval_lines(ax, rows: list[dict], value, interval) -> None:
     """Measured points with their 95% intervals as error bars, a line per node count; flagged
     sizes hollow."""
-    groups = by_nodes(rows)
-    for index, (nodes, group) in enumerate(groups.items()):
-        label = "measured (95% interval)" if len(groups) == 1 else f"{nodes} node{'s' if nodes > 1 else ''}"
+    groups = by_line(rows)
+    mixed = len({parallel for parallel, _ in groups}) > 1
+    for index, ((parallel, nodes), group) in enumerate(groups.items()):
+        label = "measured (95% interval)" if len(groups) == 1 else line_label(parallel, nodes, mixed)
         xs, ys = [r["world_size"] for r in group], [value(r) for r in group]
         low = [y - interval(r)[0] for y, r in zip(ys, group)]
         high = [interval(r)[1] - y for y, r in zip(ys, group)]
@@ -114,10 +122,10 @@ def loss_plot(rows: list[dict], agreement: float | None, agreement_limit: float)
             val_steps, val = zip(*r["val_curve"])
             ax.plot(val_steps, val, "x+1234"[index % 6], markersize=10 - index, markeredgewidth=2,
                     color=line.get_color(), label=f"{size_label(r)} val")
-    ax.set(xlabel="step", ylabel="loss", title="Loss per size")
+    ax.set(xlabel="step", ylabel="loss", title="Loss per size" if len(rows) > 1 else "Loss")
     ax.legend(title="ranks", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if agreement is not None and len(rows) > 1:
-        note = (f"train curves agree within {agreement_limit:g} (max {agreement:.1e}): DDP's promise holds"
+        note = (f"train curves agree within {agreement_limit:g} (max {agreement:.1e}): data parallelism's promise holds"
                 if agreement <= agreement_limit else f"train curves differ by up to {agreement:.1e}")
         ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="small")
     return figure
@@ -128,7 +136,7 @@ def utilization_plot(runs):
     each GPU, all in % of the node's CPUs (GPUs: % of the GPU)."""
     figure, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs)), squeeze=False, layout="constrained")
     for ax, run in zip(axes[:, 0], runs):
-        title = f"{run.world_size} rank{'s' if run.world_size > 1 else ''}"
+        title = f"{run.world_size} rank{'s' if run.world_size > 1 else ''}, {run.config.train.parallel}"
         samples = [s for node in run.samples.values() for s in node]
         if len(samples) < MIN_SAMPLES:
             ax.text(0.5, 0.5, f"{title}: {len(samples)} hardware sample(s), too few to draw\n"
@@ -161,8 +169,8 @@ def utilization_plot(runs):
 def write_all(report: dict, runs, out_dir: Path) -> list[Path]:
     rows = report["runs"]
     firsts = {}
-    for run in sorted(runs, key=lambda run: (run.world_size, run.nodes)):
-        firsts.setdefault((run.world_size, run.nodes), run)
+    for run in sorted(runs, key=lambda run: (run.config.train.parallel, run.world_size, run.nodes)):
+        firsts.setdefault((run.config.train.parallel, run.world_size, run.nodes), run)
     figures = {"phases.png": phases_plot(rows),
                "loss.png": loss_plot(rows, report["loss_agreement"], report["thresholds"]["agreement"]),
                "utilization.png": utilization_plot(list(firsts.values()))}

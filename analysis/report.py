@@ -25,11 +25,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from analysis import plots, scaling
+from analysis import plots, scaling, strategies
 from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
 from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.files import atomic_write_bytes
+from gptcore.parallel import STRATEGIES
 from gptcore.sampler import summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
@@ -52,16 +53,22 @@ COMM_METHOD = (
     "cross-check: on shared CPU cores it also holds contention between ranks.")
 
 
-def size_key(run: Run) -> tuple[int, int]:
-    return run.world_size, run.nodes
+def size_key(run: Run) -> tuple[int, int, int]:
+    return STRATEGIES.index(run.config.train.parallel), run.world_size, run.nodes
 
 
 def group_by_size(runs: list[Run]) -> list[list[Run]]:
-    """Runs of one size (ranks, nodes) are repeats of one measurement; sizes in order."""
+    """Runs of one size (strategy, ranks, nodes) are repeats of one measurement; DDP's sizes in
+    order, then FSDP's."""
     groups: dict[tuple[int, int], list[Run]] = {}
     for run in runs:
         groups.setdefault(size_key(run), []).append(run)
     return [groups[key] for key in sorted(groups)]
+
+
+def size_name(row: dict) -> str:
+    """How a table names a size: its ranks, and its strategy when that is not DDP."""
+    return f"{row['world_size']}" + (f" {row['parallel']}" if row.get("parallel", "ddp") != "ddp" else "")
 
 
 def median_of(records: list[dict], read) -> float | None:
@@ -92,7 +99,12 @@ def describe_size(runs: list[Run], warmup_fraction: float) -> dict:
     others = [s["others_cpu_pct"] for s in samples.values() if "others_cpu_pct" in s]
     comm = [r["comm"] for r in steady if r.get("comm")]
     start = first.start or {}
+    memory = next((r["memory"] for r in reversed(first.steps) if r.get("memory")), None)
     return {
+        "parallel": t.parallel,
+        "reshard_after_forward": t.reshard_after_forward,
+        "memory": memory,
+        "parameters": gradient_bytes(first.config) // 4,
         "path": str(first.path),
         "paths": [str(run.path) for run in runs],
         "repeats": len(runs),
@@ -158,8 +170,9 @@ def data_flags(row: dict) -> list[dict]:
 def compare(rows: list[dict]) -> None:
     """Adds speedup, efficiency, their intervals, per-phase excess, the communication estimate
     and the above-ideal flag against the smallest size, in place."""
-    base = rows[0]
+    bases: dict[str, dict] = {}
     for row in rows:
+        base = bases.setdefault(row["parallel"], row)  # each strategy against its own smallest size
         n, base_n, kind = row["world_size"], base["world_size"], row["scaling"]
         factor = n / base_n if kind == "weak" else 1.0
         row["speedup"] = scaling.speedup(base["step_ms"], row["step_ms"], n, kind, base_n)
@@ -311,6 +324,7 @@ def build_report(runs: list[Run], warmup_fraction: float = 0.1) -> dict:
     rows = [describe_size(group, warmup_fraction) for group in groups]
     compare(rows)
     probe = measured_probe(rows)
+    first_strategy = [row for row in rows if row["parallel"] == rows[0]["parallel"]]
     agreement = loss_agreement(rows)
     report = {"scaling": rows[0]["scaling"], "baseline_world_size": rows[0]["world_size"],
               "warmup_fraction": warmup_fraction, "comm_method": COMM_METHOD, "runs": rows,
@@ -320,9 +334,11 @@ def build_report(runs: list[Run], warmup_fraction: float = 0.1) -> dict:
               "measured_link": {"busbw_gbps": probe["busbw_gbps"], "latency_us": probe["latency_us"],
                                 "bytes": probe["bytes"], "nodes": probe["nodes"],
                                 "world_size": probe["world_size"]} if probe else None}
-    if rows[0]["world_size"] == 1 and rows[0]["phases_ms"] and len(rows) > 1:
+    if rows[0]["world_size"] == 1 and rows[0]["phases_ms"] and len(first_strategy) > 1:
         report["projection"] = projection(rows[0], gradient_bytes(groups[0][0].config), probe)
-    report["limits"] = limits_paragraph(report)
+    report["limits"] = limits_paragraph({**report, "runs": first_strategy})
+    if any(row["parallel"] == "fsdp" for row in rows):
+        report["strategies"] = strategies.compare_strategies(rows, groups[0][0].config, probe)
     return report
 
 
@@ -342,15 +358,17 @@ def render_markdown(report: dict) -> str:
                  f"window and the first {100 * report['warmup_fraction']:.0f}% of steps are dropped), with eval and "
                  "checkpoint time taken out, all repeats of a size together; the interval is a 95% bootstrap interval "
                  "over those windows" + (", and speedup and efficiency carry theirs." if several else "."))
+    mixed = len({r["parallel"] for r in rows}) > 1
     scaling_cells = (lambda r: [f"{r['speedup']:.2f}x ({r['speedup_interval'][0]:.2f}-{r['speedup_interval'][1]:.2f})",
                                 f"{r['world_size'] / base_n:.0f}x",
                                 f"{100 * r['efficiency']:.0f}% ({percent_range(r['efficiency_interval'])})"])
     out = [f"# {'Scaling report' if several else 'Run report'} ({report['scaling']} scaling)", "",
-           (f"Baseline: {base_n} rank{'s' if base_n > 1 else ''}. " if several else "") + step_time, "",
+           (f"Baseline: {base_n} rank{'s' if base_n > 1 else ''}" + (" of each strategy" if mixed else "") + ". "
+            if several else "") + step_time, "",
            "## Scaling" if several else "## Step time", "",
-           table(["ranks", "step ms", "95% interval", "tokens/s", *(["speedup", "ideal", "efficiency"] if several else []),
+           table([*(["parallel"] if mixed else []), "ranks", "step ms", "95% interval", "tokens/s", *(["speedup", "ideal", "efficiency"] if several else []),
                   "threads/rank", "cores/node", "repeats", "final loss", "final val loss", "flags"],
-                 [[r["world_size"], f"{r['step_ms']:.2f}",
+                 [[*([r["parallel"]] if mixed else []), r["world_size"], f"{r['step_ms']:.2f}",
                    f"{r['step_ms_interval'][0]:.2f}-{r['step_ms_interval'][1]:.2f}", f"{r['tokens_per_s']:,.0f}",
                    *(scaling_cells(r) if several else []),
                    r["threads"] or "-", r["node_cpus"] or "-", r["repeats"], f"{r['final_loss']:.4f}",
@@ -360,13 +378,13 @@ def render_markdown(report: dict) -> str:
     flagged = [(r, flag) for r in rows for flag in r["flags"]]
     if flagged:
         out += ["Flags, and what to change:", "",
-                *(f"- {r['world_size']} rank(s): {flag['text']}. {flag['fix'][0].upper()}{flag['fix'][1:]}."
+                *(f"- {size_name(r)} rank(s): {flag['text']}. {flag['fix'][0].upper()}{flag['fix'][1:]}."
                   for r, flag in flagged), ""]
     out += [f"{'## What limits scaling' if several else '## The run'}", "", report["limits"], ""]
     agreement = report["loss_agreement"]
     if agreement is not None:
-        verdict = ("within 1e-4 at every common step: DDP's promise holds" if agreement <= AGREEMENT
-                   else f"up to {agreement:.2e} apart at a common step: more than DDP's 1e-4")
+        verdict = ("within 1e-4 at every common step: data parallelism's promise holds" if agreement <= AGREEMENT
+                   else f"up to {agreement:.2e} apart at a common step: more than the 1e-4 data parallelism promises")
         if agreement > AGREEMENT and any(r.get("dtype") == "bfloat16" for r in rows):
             verdict += (" (these runs trained under bf16 autocast, where a batch split over more ranks rounds "
                         "differently; in fp32 the sizes agree within 1e-4)")
@@ -377,6 +395,8 @@ def render_markdown(report: dict) -> str:
     out += render_profiles(rows)
     if "projection" in report:
         out += render_projection(report["projection"])
+    if "strategies" in report:
+        out += strategies.render(report["strategies"])
     pictures = ["![loss](loss.png)", "![phases](phases.png)", "![utilization](utilization.png)"]
     if several:
         pictures = ["![speedup](speedup.png) ![efficiency](efficiency.png)", *pictures]
@@ -392,7 +412,7 @@ def render_phases(report: dict) -> list[str]:
     lines = ["## Where a step's time goes (ms per step, rank 0, median after warm-up)", "",
              table(["ranks", *names, "step", "all-reduce (measured)", "exposed", "comm estimate",
                     "eval total", "checkpoint total"],
-                   [[r["world_size"], *(f"{r['phases_ms'].get(name, 0.0):.2f}" for name in names), f"{r['step_ms']:.2f}",
+                   [[size_name(r), *(f"{r['phases_ms'].get(name, 0.0):.2f}" for name in names), f"{r['step_ms']:.2f}",
                      f"{r['comm_measured']['allreduce_ms']:.2f}" if r.get("comm_measured") else "-",
                      f"{r['comm_measured']['exposed_ms']:.2f}" if r.get("comm_measured") else "-",
                      f"{r['comm_ms']:.2f} ({100 * r['comm_share']:.0f}%)" if "comm_ms" in r else "-",
@@ -424,7 +444,7 @@ def render_nodes(report: dict) -> list[str]:
     lines = ["## Within a node and across nodes", "",
              table(["nodes", "ranks per node", "ranks", "step ms", "efficiency", "all-reduce bus GB/s",
                     "probe all-reduce ms", "latency us"],
-                   [[r["nodes"], r["world_size"] // r["nodes"], r["world_size"], f"{r['step_ms']:.2f}",
+                   [[r["nodes"], r["world_size"] // r["nodes"], size_name(r), f"{r['step_ms']:.2f}",
                      f"{100 * r['efficiency']:.0f}%", *probe_cells(r["allreduce_probe"])] for r in rows]), ""]
     words = {"intra_node": "within one node", "inter_node": "across nodes"}
     found = [f"{words[name]} {100 * e['efficiency']:.0f}% at {e['world_size']} ranks on {e['nodes']} node(s)"
@@ -451,7 +471,7 @@ def render_samples(rows: list[dict]) -> list[str]:
             gpus = ", ".join(f"gpu{index} {g['util_pct']:.0f}% / {g['mem_peak_mib']:,.0f} of {g['mem_total_mib']:,.0f} MiB"
                              for index, g in summary.get("gpus", {}).items()) or "no nvidia-smi"
             others = f"{summary['others_cpu_pct']:.0f}%" if "others_cpu_pct" in summary else "-"
-            lines.append([r["world_size"], node, summary["samples"], f"{summary['node_cpu_pct']:.0f}%", others,
+            lines.append([size_name(r), node, summary["samples"], f"{summary['node_cpu_pct']:.0f}%", others,
                           ranks, gpus])
     if not lines:
         return []

@@ -203,3 +203,49 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     import numpy as np
 
     return float(np.percentile(values, 25)), float(np.percentile(values, 75))
+
+
+# -- DDP against FSDP: memory and communication per rank ------------------------------------------
+
+ADAMW_STATE_BYTES = 16  # fp32 weight, gradient and AdamW's two moments, per parameter
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce per bucket
+
+
+def state_bytes_per_rank(params: int, n: int, strategy: str) -> float:
+    """Weights, gradients and AdamW state one rank holds: all of them under DDP, 1/N under FSDP."""
+    return ADAMW_STATE_BYTES * params / (n if strategy == "fsdp" else 1)
+
+
+def comm_bytes_per_step(params: int, n: int, strategy: str, compute_bytes: int = 4,
+                        reshard_after_forward: bool = True) -> float:
+    """Bytes each rank sends per optimizer step (the bus bytes of nccl-tests, so that a time is
+    bytes / bus bandwidth). DDP all-reduces every fp32 gradient: 2(n-1)/n x 4P. FSDP all-gathers
+    the weights in the compute dtype before forward and again before backward (once, when they
+    stay gathered after forward) and reduce-scatters fp32 gradients: (n-1)/n x P x (2 x compute
+    bytes + 4), which is 3(n-1)/n x 4P in fp32."""
+    if n <= 1:
+        return 0.0
+    if strategy == "ddp":
+        return 2 * (n - 1) / n * params * 4
+    gathers = 2 if reshard_after_forward else 1
+    return (n - 1) / n * params * (gathers * compute_bytes + 4)
+
+
+def collectives_per_step(params: int, n_layer: int, strategy: str, reshard_after_forward: bool = True) -> int:
+    """DDP: one all-reduce per 25 MiB bucket. FSDP: per block and the root, its all-gathers and
+    one reduce-scatter."""
+    if strategy == "ddp":
+        return max(1, -(-params * 4 // DDP_BUCKET_BYTES))
+    return (n_layer + 1) * ((2 if reshard_after_forward else 1) + 1)
+
+
+def comm_ms_per_step(params: int, n_layer: int, n: int, strategy: str, link: Link, compute_bytes: int = 4,
+                     reshard_after_forward: bool = True) -> float:
+    """Bytes over the link's bus bandwidth, plus a latency per ring hop of each collective
+    (an all-reduce has 2(n-1) hops, an all-gather or reduce-scatter n-1)."""
+    if n <= 1:
+        return 0.0
+    volume = comm_bytes_per_step(params, n, strategy, compute_bytes, reshard_after_forward)
+    hops = 2 * (n - 1) if strategy == "ddp" else n - 1
+    count = collectives_per_step(params, n_layer, strategy, reshard_after_forward)
+    return 1000 * (volume / (link.gbytes_per_s * 1e9) + count * hops * link.latency_us * 1e-6)

@@ -13,6 +13,7 @@ The model itself never learns of ranks: the trainer calls `parallelize`, then us
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from gptcore import distributed
+from gptcore.config import ModelConfig
+from gptcore.model import parameter_count
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -106,6 +109,26 @@ def parallelize(model: torch.nn.Module, device: torch.device, strategy: str, com
     else:
         compute = model
     return Parallel(strategy, torch.compile(compute) if compile_model else compute, model, ddp)
+
+
+def estimated_memory(model: ModelConfig, rows_per_rank: int, strategy: str, world_size: int,
+                     activation_checkpointing: bool = False) -> tuple[float, float]:
+    """(training state, activations) in bytes per rank, before anything is allocated. The state:
+    fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter, 1/N of it under fsdp,
+    which holds two blocks' weights gathered at a time (one computing, one prefetched). The
+    activations of one micro-batch: about 68 bytes per token, layer and channel in fp32 (after
+    Korthikanti et al., with flash attention; one block's and the inputs of the others under
+    activation checkpointing), plus the logits."""
+    params = parameter_count(model)
+    state = 16 * params
+    if strategy == "fsdp":
+        block = parameter_count(dataclasses.replace(model, n_layer=1)) - parameter_count(
+            dataclasses.replace(model, n_layer=0))
+        state = state / world_size + 2 * 4 * block
+    tokens = rows_per_rank * model.block_size
+    per_layer = 68 * model.n_embd
+    layers = (model.n_layer * 4 * model.n_embd + per_layer) if activation_checkpointing else model.n_layer * per_layer
+    return state, tokens * (layers + 12 * model.vocab_size)
 
 
 def tensor_bytes(tensors) -> int:

@@ -23,7 +23,7 @@ import psutil
 import torch
 
 from gptcore import checkpoint, distributed, hardware, preemption
-from gptcore.parallel import describe_memory, local, parallelize, peak_memory, state_bytes
+from gptcore.parallel import describe_memory, estimated_memory, local, parallelize, peak_memory, state_bytes
 from gptcore.config import ARCHITECTURE_KEYS, Config, batch_split, config_from_dict, resume_conflicts, write_yaml
 from gptcore.batches import Batches, Shard
 from gptcore.data import bits_unit, describe, tokenizer_for, vocabulary_name
@@ -89,25 +89,20 @@ def set_numerics(deterministic: bool, device: torch.device) -> None:
 
 
 def check_memory(config: Config, rows_per_rank: int, device: torch.device, world_size: int = 1) -> None:
-    """Refuse, before allocating, a model and batch that cannot fit the device's memory: fp32
-    weights, gradients and AdamW's two moments (16 bytes a parameter, 1/N of it per rank under
-    fsdp, which also gathers one block's weights at a time), and one micro-batch's
-    activations (about 68 bytes per token, layer and channel in fp32, after Korthikanti et al.,
-    with flash attention, plus the logits)."""
-    m = config.model
-    params = parameter_count(m)
-    state = 16 * params / world_size if config.train.parallel == "fsdp" else 16 * params
-    tokens = rows_per_rank * m.block_size
-    activations = tokens * (68 * m.n_layer * m.n_embd + 12 * m.vocab_size)
+    """Refuse, before allocating, a model and batch that cannot fit the device's memory
+    (parallel.estimated_memory: the training state and one micro-batch's activations)."""
+    m, t = config.model, config.train
+    state, activations = estimated_memory(m, rows_per_rank, t.parallel, world_size, t.activation_checkpointing)
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else psutil.virtual_memory().total)
     if state + activations > total:
         raise UserInputError(
             f"this model and batch need about {(state + activations) / 1e9:,.1f} GB per rank ({state / 1e9:,.1f} GB "
-            f"for {params:,} parameters with their gradients and AdamW state, {activations / 1e9:,.1f} GB for one "
-            f"micro-batch of {rows_per_rank} x {m.block_size} tokens), more than the {total / 1e9:,.1f} GB of "
-            f"{hardware.device_name(device)}; lower train.batch_size (raise train.grad_accum to keep the batch), "
-            "model.block_size or the model's size")
+            f"for {parameter_count(m):,} parameters with their gradients and AdamW state under {t.parallel}, "
+            f"{activations / 1e9:,.1f} GB for one micro-batch of {rows_per_rank} x {m.block_size} tokens), more than "
+            f"the {total / 1e9:,.1f} GB of {hardware.device_name(device)}; lower train.batch_size (raise "
+            "train.grad_accum to keep the batch), model.block_size or the model's size, or shard the state over "
+            "the ranks: train.parallel=fsdp")
 
 
 @torch.no_grad()

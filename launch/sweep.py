@@ -7,11 +7,13 @@
     python launch/sweep.py --gpus 1,2,4 --dry-run                        # print the plan, submit nothing
     python launch/sweep.py --gpus 1,2,4 --quantize                       # then quantize the 1-GPU run
     python launch/sweep.py --nodes 1,2 --gpus 2 --config tiny            # intra- vs inter-node
+    python launch/sweep.py --gpus 1,2,4 --parallel ddp,fsdp              # DDP against FSDP at each size
 
 One job per size through launch/submit.py (Slurm when a cluster answers, else local processes),
 each with profile.cprofile=true and profile.sampler=true, into OUT/n<ranks>. --gpus counts GPUs per
 node, as submit.py does: with --nodes N a size of G GPUs runs N x G ranks. --nodes also takes a
-list: one job per (nodes, GPUs) pair, into OUT/n<ranks>-<nodes>x<gpus>. Slurm jobs run side by
+list: one job per (nodes, GPUs) pair, into OUT/n<ranks>-<nodes>x<gpus>; --parallel ddp,fsdp runs
+each size with both strategies, into OUT/n<ranks>-ddp and OUT/n<ranks>-fsdp. Slurm jobs run side by
 side (--sequential: one at a time); local ones always one at a time. While the jobs run, a
 table shows each one's state, step and loss; then OUT/report/report.md (with report.json and the
 plots) is written from the sizes that succeeded, and its path printed. A failed job is named,
@@ -104,15 +106,30 @@ class Planned:
         return self.gpus * self.nodes
 
 
-def run_name(nodes: int, gpus: int, several_node_counts: bool, repeat: int = 0) -> str:
+def parse_strategies(text: str) -> list[str]:
+    """'ddp,fsdp' -> ['ddp', 'fsdp']: known strategies, each once, in the given order."""
+    from gptcore.parallel import STRATEGIES
+
+    names = [part.strip() for part in text.split(",")]
+    if unknown := [name for name in names if name not in STRATEGIES]:
+        raise UserInputError(f"--parallel {text!r}: {unknown[0]!r} is not a strategy; use {' or '.join(STRATEGIES)}, "
+                             "comma-separated: --parallel ddp,fsdp")
+    if len(set(names)) != len(names):
+        raise UserInputError(f"--parallel {text!r} repeats a strategy; list each once")
+    return names
+
+
+def run_name(nodes: int, gpus: int, several_node_counts: bool, repeat: int = 0, strategy: str = "") -> str:
     """n<ranks>, or n<ranks>-<nodes>x<gpus> when the sweep has several node counts (2 ranks can
-    then be 1 node x 2 GPUs or 2 nodes x 1 GPU); -r<k> for the k-th of several repeats."""
+    then be 1 node x 2 GPUs or 2 nodes x 1 GPU); -<strategy> when it has several; -r<k> for the
+    k-th of several repeats."""
     name = f"n{nodes * gpus}-{nodes}x{gpus}" if several_node_counts else f"n{nodes * gpus}"
+    name = f"{name}-{strategy}" if strategy else name
     return f"{name}-r{repeat}" if repeat else name
 
 
 def plan(config: str, overrides: list[str], sizes: list[int], node_counts: list[int], root: Path,
-         scaling: str | None, repeats: int = 1) -> list[Planned]:
+         scaling: str | None, repeats: int = 1, strategies: list[str] | None = None) -> list[Planned]:
     """One job per (nodes, GPUs per node) pair, the whole set `repeats` times, interleaved
     (1,2,4,1,2,4: drifting load falls on every size alike); validates every job's config here,
     before anything is submitted. Every size gets the threads per rank of the largest one
@@ -122,19 +139,23 @@ def plan(config: str, overrides: list[str], sizes: list[int], node_counts: list[
     keys = {item.partition("=")[0].strip() for item in overrides}
     if "out_dir" in keys:
         raise UserInputError("the sweep chooses each run's out_dir; give --out DIR instead of out_dir=")
+    if strategies and "train.parallel" in keys:
+        raise UserInputError("--parallel chooses each run's train.parallel; drop the train.parallel= override")
     threads = [] if keys & {"train.threads", "train.cpu_ranks"} else [f"train.cpu_ranks={max(sizes)}"]
     jobs = []
     for repeat in range(1, repeats + 1):
         for nodes in node_counts:
             for gpus in sizes:
-                name = run_name(nodes, gpus, len(node_counts) > 1, repeat if repeats > 1 else 0)
-                out_dir = root / name
-                if out_dir.exists() and any(out_dir.iterdir()):
-                    raise UserInputError(f"{out_dir} already holds a run; choose another --out")
-                extra = [*PROFILE_OVERRIDES, *threads, *overrides, *([f"train.scaling={scaling}"] if scaling else []),
-                         f"out_dir={out_dir}"]
-                batch_split(load_config(config, extra), gpus * nodes)
-                jobs.append(Planned(f"sweep-{name}", gpus, nodes, out_dir, extra))
+                for strategy in strategies or [""]:
+                    name = run_name(nodes, gpus, len(node_counts) > 1, repeat if repeats > 1 else 0,
+                                    strategy if len(strategies or []) > 1 else "")
+                    out_dir = root / name
+                    if out_dir.exists() and any(out_dir.iterdir()):
+                        raise UserInputError(f"{out_dir} already holds a run; choose another --out")
+                    extra = [*PROFILE_OVERRIDES, *threads, *overrides, *([f"train.scaling={scaling}"] if scaling else []),
+                             *([f"train.parallel={strategy}"] if strategy else []), f"out_dir={out_dir}"]
+                    batch_split(load_config(config, extra), gpus * nodes)
+                    jobs.append(Planned(f"sweep-{name}", gpus, nodes, out_dir, extra))
     return jobs
 
 
@@ -279,6 +300,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every size this many times, interleaved (1,2,4,1,2,4,...); the report pools "
                              "them and its intervals narrow")
+    parser.add_argument("--parallel", default=None,
+                        help="comma-separated strategies to run at every size, each a job: ddp,fsdp (default: the "
+                             "config's train.parallel); the report compares them")
     parser.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
     parser.add_argument("--quantize", action="store_true",
                         help="chain slurm/quantize.sbatch after the 1-GPU job (afterok); Slurm only")
@@ -306,7 +330,8 @@ def prepare(args) -> tuple[list[Planned], str, str | None, Path]:
     elif max(node_counts) > 1:
         raise UserInputError("the local executor runs on this machine only; use --nodes 1 or --executor slurm")
     root = Path(args.out or REPO / "runs" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    jobs = plan(args.config, args.overrides, sizes, node_counts, root, args.scaling, args.repeats)
+    jobs = plan(args.config, args.overrides, sizes, node_counts, root, args.scaling, args.repeats,
+                parse_strategies(args.parallel) if args.parallel else None)
     if args.quantize:
         if cluster != "slurm":
             raise UserInputError("--quantize chains a Slurm job (slurm/quantize.sbatch); it needs --executor slurm")

@@ -74,6 +74,8 @@ def test_bad_gpu_lists_fail_in_one_line_before_anything_is_submitted(tmp_path):
     out = tmp_path / "sweep"
     assert_one_line_error(sweep("--gpus", "0", "--out", out), 2, "--gpus '0'")
     assert_one_line_error(sweep("--gpus", "a,b", "--out", out), 2, "--gpus 'a,b'")
+    assert_one_line_error(sweep("--gpus", "1,2", "--parallel", "ddp,zero", "--config", "tiny", "--executor", "local",
+                                "--out", out), 2, "'zero' is not a strategy")
     assert_one_line_error(sweep("--gpus", "1,3", "--config", "tiny", "--executor", "local", "--out", out),
                           2, "train.batch_size=8", "3 ranks")
     assert not out.exists()
@@ -179,6 +181,34 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
                                          cwd=REPO, capture_output=True, text=True, timeout=120),
                           2, f"{torn / 'metrics.jsonl'}:", "is not valid JSON")
     assert not (tmp_path / "none" / "report.md").exists()
+
+
+def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_path, corpus):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2,4", "--parallel", "ddp,fsdp", "--config", "tiny", "--executor", "local",
+                   "--out", out, f"data.path={corpus}", *TRAIN, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("n")) == [
+        "n1-ddp", "n1-fsdp", "n2-ddp", "n2-fsdp", "n4-ddp", "n4-fsdp"]
+    rows = report_rows(out / "report" / "report.md")
+    assert [(row["parallel"], row["ranks"]) for row in rows] == [
+        ("ddp", "1"), ("ddp", "2"), ("ddp", "4"), ("fsdp", "1"), ("fsdp", "2"), ("fsdp", "4")]
+    assert all(row["efficiency"].startswith("100%") for row in rows if row["ranks"] == "1")  # each its own baseline
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["loss_agreement"] <= 1e-4  # fp32: both strategies follow one curve
+    compared = report["strategies"]
+    parameters = report["runs"][0]["parameters"]
+    for measured in compared["measured"]:
+        n = measured["world_size"]
+        factor = {"ddp": 2, "fsdp": 3}[measured["parallel"]]  # fp32: all-reduce 2(n-1)/n, FSDP 3(n-1)/n
+        assert measured["comm_mib"] == pytest.approx(factor * (n - 1) / n * 4 * parameters / 2**20)
+    for pair in compared["side_by_side"]:  # each FSDP rank holds 1/N of DDP's state, and a few rows' rounding
+        n = pair["world_size"]
+        assert 1 / n <= pair["state_ratio"] <= 1 / n + 0.05, pair
+    assert [pair["world_size"] for pair in compared["side_by_side"]] == [1, 2, 4]
+    text = (out / "report" / "report.md").read_text()
+    assert "## DDP and FSDP" in text and "### Which strategy, for larger models" in text
+    assert "DDP never fits" in text and "FSDP from" in text  # the 13B shape does not fit one 80 GB GPU under DDP
 
 
 def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path, corpus):
