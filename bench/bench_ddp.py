@@ -3,6 +3,7 @@
     python bench/bench_ddp.py                          # 1 rank vs 2 gloo ranks, 1 thread each
     python bench/bench_ddp.py --ranks 2 --steps 150 --repeats 3 --batch 32
     python bench/bench_ddp.py --hook-cost --repeats 6       # the all-reduce timing hook on, then off
+    python bench/bench_ddp.py --fsdp --repeats 6            # train.parallel=fsdp, then ddp
 
 Every configuration is a real training run, `gptcore train` for 1 rank (no process group, no DDP
 wrapper) and `torchrun --nproc-per-node=N -m gptcore train` for N ranks, under weak scaling: each
@@ -18,6 +19,7 @@ rank gets the same batch, so an ideal N-rank step takes as long as a 1-rank step
                 copying gradients in and out of DDP's buckets
   --hook-cost = N-rank DDP with the all-reduce timing hook (profile.comm=true, the default) and
                 without it (DDP's own all-reduce), alternating which goes first round by round
+  --fsdp      = N-rank FSDP against N-rank DDP, alternating the same way
 Other work on the machine skews this; the load average is printed before and after each run.
 """
 
@@ -127,13 +129,15 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows; each row's median counts")
     parser.add_argument("--hook-cost", action="store_true", help="time DDP with and without the all-reduce timing hook")
+    parser.add_argument("--fsdp", action="store_true", help="time train.parallel=fsdp against ddp on the same ranks")
     parser.add_argument("--allreduce-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.allreduce_worker:
         allreduce_worker(args.allreduce_worker)
         return 0
-    if args.hook_cost:
-        return hook_cost(args)
+    for flag, (what, variants) in PAIRS.items():
+        if getattr(args, flag):
+            return compare_pair(args, what, variants)
     counts = [int(part) for part in args.ranks.split(",")]
     # The 1-rank baseline, then for each N: N independent 1-rank runs, then N ranks with DDP.
     plan = [(1, 1)] + [plan for n in counts if n > 1 for plan in ((1, n), (n, 1))]
@@ -172,10 +176,16 @@ def main() -> int:
     return 0
 
 
-def hook_cost(args) -> int:
-    """DDP's step time with profile.comm on and off, rounds alternating which goes first."""
+# Pairs of N-rank runs that differ in one setting, timed against each other (the first over the second).
+PAIRS = {
+    "hook_cost": ("the all-reduce timing hook", {"hook": ["profile.comm=true"], "no hook": ["profile.comm=false"]}),
+    "fsdp": ("FSDP against DDP", {"fsdp": ["train.parallel=fsdp"], "ddp": ["train.parallel=ddp"]}),
+}
+
+
+def compare_pair(args, what: str, variants: dict) -> int:
+    """N-rank step time of two variants, rounds alternating which goes first."""
     ranks = int(args.ranks.split(",")[0])
-    variants = {"hook": ["profile.comm=true"], "no hook": ["profile.comm=false"]}
     medians = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.repeats):
@@ -183,10 +193,12 @@ def hook_cost(args) -> int:
                 run = train(ranks, 1, args, Path(tmp) / f"{name}-{k}".replace(" ", "_"), variants[name])
                 medians[name].append(run["ms_per_step"])
                 print(json.dumps({"variant": name, **run}), file=sys.stderr, flush=True)
-    hook, plain = (statistics.median(medians[name]) for name in variants)
+    (first, a), (second, b) = ((name, statistics.median(medians[name])) for name in variants)
     spread = {name: f"{min(v):.1f}-{max(v):.1f}" for name, v in medians.items()}
-    print(f"{ranks} gloo ranks, batch {args.batch} per rank, {args.repeats} rounds: with the timing hook "
-          f"{hook:.2f} ms/step ({spread['hook']}), without {plain:.2f} ({spread['no hook']}): {hook / plain:.3f}x")
+    ratios = [x / y for x, y in zip(medians[first], medians[second])]
+    print(f"{what}: {ranks} gloo ranks, batch {args.batch} per rank, {args.repeats} rounds: {first} {a:.2f} ms/step "
+          f"(rounds {spread[first]}), {second} {b:.2f} ({spread[second]}): {a / b:.3f}x (per round "
+          f"{min(ratios):.3f}-{max(ratios):.3f})")
     return 0
 
 

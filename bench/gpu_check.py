@@ -307,6 +307,28 @@ def section_ddp(check: Check) -> None:
               backend == ("nccl" if check.cuda else "gloo"))
 
 
+def section_fsdp(check: Check) -> None:
+    """FSDP against DDP on one GPU, both eager over a 1-rank group: the cost of sharding where
+    there is nothing to shard across, and the peak memory of each."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+    window = [*step_window(check)[:5], "train.compile=false", "train.single_rank_group=true"]
+    found = {}
+    for strategy in ("ddp", "fsdp"):
+        run_dir, _ = train(check, check.seed, f"fsdp-vs-{strategy}", *window, f"train.parallel={strategy}",
+                           launcher=torchrun)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        memory = next(r["memory"] for r in reversed(records) if r.get("memory"))
+        found[strategy] = steady_median(records), memory
+    (ddp_ms, ddp_memory), (fsdp_ms, fsdp_memory) = found["ddp"], found["fsdp"]
+    check.row(f"{check.seed_name} FSDP vs DDP, 1 rank (eager)", f"{fsdp_ms:.2f} vs {ddp_ms:.2f} ms/step "
+              f"({fsdp_ms / ddp_ms:.3f}x)")
+    for strategy, memory in (("DDP", ddp_memory), ("FSDP", fsdp_memory)):
+        state = (memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"]) / 2**20
+        peak = f", peak {memory['peak_memory_bytes'] / 2**20:,.0f} MiB" if "peak_memory_bytes" in memory else ""
+        check.row(f"{check.seed_name} {strategy} memory, 1 rank", f"state {state:,.1f} MiB{peak}",
+                  "peak reported" if check.cuda else "", "peak_memory_bytes" in memory if check.cuda else None)
+
+
 SECTIONS = {  # name: (function, time limit in s on a GPU, in smoke mode)
     "env": (section_env, 20, 20),
     "train": (section_train, 110, 60),
@@ -316,6 +338,7 @@ SECTIONS = {  # name: (function, time limit in s on a GPU, in smoke mode)
     "decode": (section_decode, 90, 45),
     "shakespeare": (section_shakespeare, 90, 20),
     "ddp": (section_ddp, 40, 40),
+    "fsdp": (section_fsdp, 60, 40),
 }
 
 

@@ -379,6 +379,12 @@ def probe_allreduce(device: torch.device, megabytes: float = 4, iters: int = 5) 
             "latency_us": 1e6 * latency, "world_size": world_size, "nodes": len(set(hosts))}
 
 
+def describe_probe(probe: dict) -> str:
+    return (f"all-reduce probe: {probe['bytes'] / 2**20:.0f} MiB over {probe['nodes']} node(s) in "
+            f"{1000 * probe['seconds']:.2f} ms, bus bandwidth {probe['busbw_gbps']:.2f} GB/s, "
+            f"latency {probe['latency_us']:.0f} us")
+
+
 # The last barrier's work, kept alive on purpose: see barrier().
 _last_barrier = None
 

@@ -117,6 +117,22 @@ def still_finite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autoc
     return bool(finite & torch.isfinite(loss))
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, iters: int, rows: int, autocast) -> dict[str, float]:
+    """Mean loss on `iters` fixed batches of each split, over all ranks (collective)."""
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        total = torch.zeros((), device=batches.device)
+        for x, y in batches.eval_batches(split, iters, rows):
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        losses[split] = distributed.all_reduce_mean(total / iters).item()
+    model.train()
+    return losses
+
+
 @dataclass
 class TrainResult:
     final_step: int
@@ -236,21 +252,6 @@ class Trainer:
             total += loss.detach()
         return total
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        t = self.config.train
-        self.model.eval()
-        losses = {}
-        for split in ("train", "val"):
-            total = torch.zeros((), device=self.device)
-            for x, y in self.batches.eval_batches(split, t.eval_iters, self.global_batch):
-                with self.autocast:
-                    _, loss = self.model(x, y)
-                total += loss.float()
-            losses[split] = distributed.all_reduce_mean(total / t.eval_iters).item()
-        self.model.train()
-        return losses
-
     def _log_window(self, step: int, step_loss: torch.Tensor, lr: float, timer: PhaseTimer,
                     clock: StepClock, metrics: RunLog, watchdog: Watchdog) -> float:
         """The log line and metrics record of the steps since the last one; the loss, averaged over ranks."""
@@ -272,7 +273,7 @@ class Trainer:
         return loss
 
     def _evaluate_and_log(self, step: int, metrics: RunLog) -> float:
-        losses = self.evaluate()
+        losses = evaluate(self.model, self.batches, self.config.train.eval_iters, self.global_batch, self.autocast)
         self.best_val = min(self.best_val, losses["val"])
         bpc = losses["val"] / math.log(2)
         self.log(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | {bpc:.3f} "
@@ -299,9 +300,7 @@ class Trainer:
                  f"{hardware.device_name(self.device)}{peak}")
         if self.probe:
             metrics.write({"probe": "allreduce", **self.probe, "time": time.time()})
-            self.log(f"all-reduce probe: {self.probe['bytes'] / 2**20:.0f} MiB over {self.probe['nodes']} node(s) "
-                     f"in {1000 * self.probe['seconds']:.2f} ms, bus bandwidth {self.probe['busbw_gbps']:.2f} GB/s, "
-                     f"latency {self.probe['latency_us']:.0f} us")
+            self.log(distributed.describe_probe(self.probe))
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import subprocess
 from conftest import REPO
 from gptcore.metrics import read_metrics
 
-SECTIONS = ("env", "train", "resume", "gpu_to_cpu", "inference", "decode", "shakespeare", "ddp")
+SECTIONS = ("env", "train", "resume", "gpu_to_cpu", "inference", "decode", "shakespeare", "ddp", "fsdp")
 
 
 def test_smoke_mode_runs_every_section_and_writes_the_summary(tmp_path):
@@ -28,6 +28,8 @@ def test_smoke_mode_runs_every_section_and_writes_the_summary(tmp_path):
                                         "value": "skipped: no CUDA (smoke runs on the CPU)", "aim": "", "ok": None}]
     assert checks["int8 with --device auto"]["ok"] is True
     assert checks["DDP(compiled), 1-rank group"]["value"].startswith("backend gloo")
+    assert checks["tiny FSDP vs DDP, 1 rank (eager)"]["value"].endswith("x)")
+    assert checks["tiny FSDP memory, 1 rank"]["value"].startswith("state ")
     for label in ("fp32 eager", "fp32 compiled", "bf16 eager", "bf16 compiled"):
         assert checks[f"tiny decode batch 1, {label}"]["value"].endswith("GB/s")
     # The runs behind the rows are real: the compiled training run logged its steps.
