@@ -172,7 +172,7 @@ def compare(rows: list[dict]) -> None:
     and the above-ideal flag against the smallest size, in place."""
     bases: dict[str, dict] = {}
     for row in rows:
-        base = bases.setdefault(row["parallel"], row)  # each strategy against its own smallest size
+        base = bases.setdefault(row.get("parallel", "ddp"), row)  # each strategy against its own smallest size
         n, base_n, kind = row["world_size"], base["world_size"], row["scaling"]
         factor = n / base_n if kind == "weak" else 1.0
         row["speedup"] = scaling.speedup(base["step_ms"], row["step_ms"], n, kind, base_n)

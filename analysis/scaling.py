@@ -232,11 +232,12 @@ def comm_bytes_per_step(params: int, n: int, strategy: str, compute_bytes: int =
 
 
 def collectives_per_step(params: int, n_layer: int, strategy: str, reshard_after_forward: bool = True) -> int:
-    """DDP: one all-reduce per 25 MiB bucket. FSDP: per block and the root, its all-gathers and
-    one reduce-scatter."""
+    """DDP: one all-reduce per 25 MiB bucket. FSDP: per block its all-gathers and one
+    reduce-scatter; the root (embeddings, head, final norm) stays gathered from forward to
+    backward: one all-gather and one reduce-scatter."""
     if strategy == "ddp":
         return max(1, -(-params * 4 // DDP_BUCKET_BYTES))
-    return (n_layer + 1) * ((2 if reshard_after_forward else 1) + 1)
+    return n_layer * ((2 if reshard_after_forward else 1) + 1) + 2
 
 
 def comm_ms_per_step(params: int, n_layer: int, n: int, strategy: str, link: Link, compute_bytes: int = 4,

@@ -241,6 +241,10 @@ def init_process_group(contract: RankContract, device: torch.device, timeout_s: 
         os.environ.update(nccl_environment(run_dir))
         if run_dir:
             os.makedirs(os.path.join(run_dir, "hang"), exist_ok=True)
+    if contract.world_size == 1:  # nobody to meet: an in-process store, no port that another run could hold
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+        return
     dist.init_process_group(
         backend=backend, init_method=f"tcp://{contract.master_addr}:{contract.master_port}",
         rank=contract.rank, world_size=contract.world_size, timeout=timedelta(seconds=timeout_s))

@@ -203,3 +203,35 @@ def test_probe_bus_bandwidth_and_the_measured_link():
     assert (link.gbytes_per_s, link.latency_us) == (0.5, 100.0)  # 600 us over 2 x 3 hops
     # The model gives the probe's own all-reduce back: 6 MiB at 0.5 GB/s plus 6 hops.
     assert scaling.ring_allreduce_ms(4 * 2**20, 4, link) == pytest.approx(1000 * 1.5 * 4 * 2**20 / 0.5e9 + 0.6)
+
+
+def test_ddp_and_fsdp_bytes_per_step_follow_the_standard_formulas():
+    from analysis.scaling import collectives_per_step, comm_bytes_per_step, comm_ms_per_step, state_bytes_per_rank
+
+    params, n = 1_000_000, 4
+    assert comm_bytes_per_step(params, 1, "fsdp") == comm_bytes_per_step(params, 1, "ddp") == 0
+    assert comm_bytes_per_step(params, n, "ddp") == pytest.approx(2 * 3 / 4 * 4 * params)  # all-reduce, fp32
+    assert comm_bytes_per_step(params, n, "fsdp") == pytest.approx(3 * 3 / 4 * 4 * params)  # 2 gathers + scatter
+    # bf16 compute: gathers move 2 bytes a weight, gradients are still reduced in fp32.
+    assert comm_bytes_per_step(params, n, "fsdp", compute_bytes=2) == pytest.approx(3 / 4 * params * (2 + 2 + 4))
+    assert comm_bytes_per_step(params, n, "fsdp", reshard_after_forward=False) == pytest.approx(3 / 4 * params * 8)
+    assert collectives_per_step(params, 8, "fsdp") == 8 * 3 + 2 and collectives_per_step(params, 8, "ddp") == 1
+    assert state_bytes_per_rank(params, n, "ddp") == 16 * params == n * state_bytes_per_rank(params, n, "fsdp")
+    link = scaling.LINKS[3]
+    bandwidth_only = 1000 * comm_bytes_per_step(params, n, "ddp") / (link.gbytes_per_s * 1e9)
+    assert comm_ms_per_step(params, 8, n, "ddp", link) == pytest.approx(bandwidth_only + 6 * link.latency_us / 1000)
+
+
+def test_the_memory_estimate_shards_the_state_under_fsdp_and_not_the_activations():
+    from gptcore.config import ModelConfig
+    from gptcore.model import parameter_count
+    from gptcore.parallel import estimated_memory
+
+    model = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=96)
+    ddp_state, ddp_activations = estimated_memory(model, 8, "ddp", 8)
+    fsdp_state, fsdp_activations = estimated_memory(model, 8, "fsdp", 8)
+    assert ddp_state == 16 * parameter_count(model)
+    block = 12 * 768 * 768 + 2 * 768  # one block's weights (no biases), two gathered at a time in fp32
+    assert fsdp_state == pytest.approx(ddp_state / 8 + 2 * 4 * block)
+    assert fsdp_activations == ddp_activations
+    assert estimated_memory(model, 8, "ddp", 8, activation_checkpointing=True)[1] < ddp_activations / 4
