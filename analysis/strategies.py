@@ -153,7 +153,7 @@ def render(report: dict) -> list[str]:
         low, high = pair["time_ratio_interval"]
         state = (f", holding {100 * pair['state_ratio']:.0f}% of DDP's state per rank"
                  if pair["state_ratio"] is not None else "")
-        out.append(f"- {pair['world_size']} ranks: FSDP's step takes {pair['time_ratio']:.2f}x DDP's (95% interval "
+        out.append(f"- {pair['world_size']} rank{'s' if pair['world_size'] > 1 else ''}: FSDP's step takes {pair['time_ratio']:.2f}x DDP's (95% interval "
                    f"{low:.2f}-{high:.2f}){state}.")
     gpus = [c["gpus"] for c in report["projection"][0]["cells"]]
     out += ["", f"### Which strategy, for larger models (analytic, {report['device_memory_gb']} GB GPUs, "

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,14 +137,20 @@ def test_fsdp_on_the_four_rank_template_shards_its_checkpoint_and_quantize_reads
     assert (run_dir / "ckpt_int8.pt").is_file() and not (run_dir / "ckpt.pt").exists()
 
 
+def cancelled_at(name: str, step: int, jobs, corpus, steps: list[str], env: dict) -> tuple[str, Path]:
+    """A 2-rank job, scancelled (SIGTERM) once it has logged `step`: (its id, its run directory)."""
+    job = jobs.sbatch(f"--job-name={name}", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *steps, env=env)
+    max_iters = next(item.split("=")[1] for item in steps if item.startswith("train.max_iters="))
+    wait_until(lambda: f"step {step}/{max_iters}" in log_text(name, job), 90, f"step {step}")
+    run("scancel", job)
+    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    return job, REPO / "runs" / f"{name}-{job}"
+
+
 def test_scancel_of_a_sharded_run_checkpoints_and_a_resubmission_resumes_it(jobs, corpus):
     """SIGTERM to a train.parallel=fsdp run (whose steps cost more collectives on a tiny model: fewer of them)."""
     env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0 train.parallel=fsdp"}
-    job = jobs.sbatch("--job-name=test-fsdp-cancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *SHORTER, env=env)
-    run_dir = REPO / "runs" / f"test-fsdp-cancel-{job}"
-    wait_until(lambda: "step 100/600" in log_text("test-fsdp-cancel", job), 90, "step 100")
-    run("scancel", job)
-    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    job, run_dir = cancelled_at("test-fsdp-cancel", 100, jobs, corpus, SHORTER, env)
     stopped = re.search(r"stopped by SIGTERM at step (\d+)/600: checkpoint (\S+) saved",
                         log_text("test-fsdp-cancel", job))
     assert stopped and stopped.group(2) == f"runs/test-fsdp-cancel-{job}/ckpt-{int(stopped.group(1)):08d}"
@@ -248,11 +255,7 @@ def test_scancel_stops_at_a_step_with_a_checkpoint_and_a_resubmission_ends_like_
     """scancel sends SIGTERM (then SIGKILL after KillWait): the ranks agree on a step, rank 0
     checkpoints, and the log's last word is ours; the same RUN_DIR then continues to the end."""
     env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0"}
-    job = jobs.sbatch("--job-name=test-scancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG, env=env)
-    run_dir = REPO / "runs" / f"test-scancel-{job}"
-    wait_until(lambda: "step 150/2000" in log_text("test-scancel", job), 60, "step 150")
-    run("scancel", job)
-    assert wait_until_ended(ENV, job, 90) == "CANCELLED"
+    job, run_dir = cancelled_at("test-scancel", 150, jobs, corpus, LONG, env)
     ours = [line for line in log_text("test-scancel", job).splitlines() if line.strip() and "slurmstepd" not in line]
     saved = load(run_dir / "ckpt.pt")["step"]
     assert ours[-1] == (f"stopped by SIGTERM at step {saved}/2000: checkpoint runs/test-scancel-{job}/ckpt.pt "
