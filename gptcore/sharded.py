@@ -16,15 +16,12 @@ nothing else, so a checkpoint cannot run code (the shards themselves load with w
 
 from __future__ import annotations
 
-import pickle
 import re
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gptcore import checkpoint, distributed
 from gptcore.config import Config, config_from_dict
@@ -36,7 +33,6 @@ from gptcore.optim import make_optimizer
 FORMAT = "gptcore-sharded-checkpoint"
 RUN_FILE = "run.pt"
 NAME = re.compile(r"ckpt-(\d{8})")
-SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
 
 
 def directory_name(step: int) -> str:
@@ -61,72 +57,8 @@ def is_sharded(path: Path) -> bool:
     return checkpoint_directory(path) is not None
 
 
-class MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata records (and the torch sizes, dtypes and layouts they name); any other
-    name, the way a pickle runs code, is refused before it is looked up."""
-
-    ALLOWED = {
-        ("torch.distributed.checkpoint.metadata", name) for name in (
-            "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-            "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
-
-    def __init__(self, handle, source: Path):
-        super().__init__(handle)
-        self.source = source
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise UserInputError(f"checkpoint {self.source} wants to run code when loaded (its metadata names "
-                             f"{module}.{name}); gptcore loads only plain tensors and values, so it is refused")
-
-
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with a metadata reader that builds only DCP's own records. Read it once
-    before dcp.load (as load_shards does): inside, DCP would take a refusal for a missing file."""
-
-    metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self.metadata is None:
-            self.metadata = self._read_metadata()
-        return self.metadata
-
-    def _read_metadata(self):
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as handle:
-                metadata = MetadataUnpickler(handle, Path(self.path)).load()
-        except UserInputError:
-            raise
-        except Exception as err:  # a damaged pickle raises anything from EOFError to ValueError
-            raise UserInputError(f"checkpoint {self.path} has unreadable metadata ({type(err).__name__}); use "
-                                 "another checkpoint or retrain") from None
-        if not isinstance(metadata, dcp.metadata.Metadata) or not isinstance(metadata.storage_data, dict):
-            raise UserInputError(f"checkpoint {self.path} has no DCP metadata; use another checkpoint or retrain")
-        # Shards are read from files the metadata names: only the shard files in this directory.
-        names = {getattr(info, "relative_path", None) for info in metadata.storage_data.values()}
-        if outside := sorted(str(name) for name in names if not SHARD_FILE.fullmatch(str(name))):
-            raise UserInputError(f"checkpoint {self.path} names files that are not its shards ({outside[0][:80]}); "
-                                 "it is refused: use another checkpoint or retrain")
-        metadata.storage_meta = dcp.metadata.StorageMeta(load_id=self.load_id)
-        return metadata
-
-
 def read_run(directory: Path) -> dict:
     return checkpoint.load(Path(directory) / RUN_FILE, FORMAT)
-
-
-def load_shards(directory: Path, model: torch.nn.Module, optimizer, no_dist: bool = False) -> None:
-    """Fill model and optimizer (sharded or whole) from a sharded checkpoint: collective unless no_dist."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    target = {"model": model_state, "optimizer": optimizer_state}
-    reader = SafeReader(directory)
-    reader.read_metadata()
-    dcp.load(target, storage_reader=reader, no_dist=no_dist)
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
 
 
 def consolidate(path: Path) -> dict:
@@ -142,6 +74,8 @@ def consolidate(path: Path) -> dict:
     # A header may not describe a model larger than its shards (refused before anything is built).
     shards = sum(part.stat().st_size for part in directory.glob("*.distcp"))
     checkpoint.check_header_fits_file(config, "fp32", shards, directory)
+    from gptcore.dcp_io import load_shards
+
     try:
         model = GPT(config.model)
         optimizer = make_optimizer(model, config)
@@ -183,6 +117,8 @@ class ShardedCheckpointer:
         return "no checkpoint was written" if self.saved_step is None else f"{self.path} (step {self.saved_step}) is kept"
 
     def restore(self, state: dict, model: torch.nn.Module, optimizer, data) -> tuple[int, float]:
+        from gptcore.dcp_io import load_shards
+
         try:
             step, best = int(state["step"]), float(state["best_val_loss"])
             load_shards(self.path, model, optimizer)
@@ -210,10 +146,10 @@ class ShardedCheckpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True)
         distributed.barrier()
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        from gptcore.dcp_io import WRITE_ERRORS, save_shards
+
         try:
-            dcp.save({"model": model_state, "optimizer": optimizer_state},
-                     storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
+            save_shards(partial, model, optimizer)
             if self.rank == 0:
                 checkpoint.save({"format": FORMAT, "version": checkpoint.FORMAT_VERSION, "step": step,
                                  "data": data.state_dict(), "rng": rng, **run}, partial / RUN_FILE)
@@ -222,7 +158,7 @@ class ShardedCheckpointer:
                 for older in self.run_dir.glob("ckpt-*"):
                     if NAME.fullmatch(older.name) and older.name < final.name:
                         shutil.rmtree(older)
-        except (OSError, dcp.api.CheckpointException) as err:
+        except WRITE_ERRORS as err:
             raise self._failure(err, final) from None
         self.path, self.saved_step = final, step
 
