@@ -10,8 +10,9 @@ A directory without its final name is never read: a rank killed mid-write leaves
 checkpoint in place. On load, DCP reads whatever parts of the saved shards this rank's shards
 cover, so 2 ranks' checkpoint resumes on 1 or 4.
 
-DCP's metadata is a pickle; it is read by an unpickler that builds DCP's own record types and
-nothing else, so a checkpoint cannot run code (the shards themselves load with weights_only).
+DCP's metadata is a pickle; gptcore/dcp_io.py reads it with an unpickler that builds DCP's own
+record types and nothing else, so a checkpoint cannot run code (the shards themselves load with
+weights_only). This module finds checkpoints and describes runs without importing DCP.
 """
 
 from __future__ import annotations
