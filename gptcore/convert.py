@@ -94,7 +94,7 @@ def quantize_command(args) -> None:
         raise UserInputError(f"{source} is already quantized ({state.get('mode')}); pass the fp32 ckpt.pt "
                              "written by `gptcore train`")
     device = str(resolve_device(args.device, args.mode))
-    reference = load_model(source, device)
+    reference = load_model(source, device, state)
     group_size, note = pick_group_size(args.mode, args.group_size, reference.config.model.n_embd)
     check_group_size(args.mode, group_size, reference.config.model)
     if note:
@@ -123,7 +123,8 @@ def export_command(args) -> None:
 
     if args.format == "gptcore":
         return consolidate_command(Path(args.ckpt), Path(args.out))
-    loaded = load_model(args.ckpt, "cpu")
+    raw = open_checkpoint(args.ckpt)
+    loaded = load_model(args.ckpt, "cpu", raw)
     if loaded.kind != "fp32":
         raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export writes full-precision weights only: "
                              "export the fp32 ckpt.pt it was quantized from")
@@ -136,7 +137,6 @@ def export_command(args) -> None:
         files = hf.hf_directory(state, model, vocab)
         use = f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and AutoTokenizer.from_pretrained({str(args.out)!r})"
     else:
-        raw = open_checkpoint(args.ckpt)
         files = nanogpt.nanogpt_files(state, model, vocab, Path(loaded.config.data.path).stem or "gptcore",
                                       int(raw.get("step", 0)), float(raw.get("best_val_loss", float("inf"))))
         use = f"nanoGPT's sample.py --out_dir={args.out} (it reads meta.pkl from data/<dataset>/: copy it there)"

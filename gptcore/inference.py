@@ -22,7 +22,7 @@ from gptcore.prepare import resolve_data
 from gptcore.errors import UserInputError
 from gptcore.model import GPT
 from gptcore.quantize import CPU_ONLY_MODES, model_from_quantized
-from gptcore.sharded import checkpoint_directory, consolidate, is_sharded
+from gptcore.sharded import checkpoint_directory, is_sharded, open_checkpoint
 
 DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
 
@@ -60,10 +60,12 @@ def resolve_device(choice: str, kind: str) -> torch.device:
     return device
 
 
-def load_model(ckpt_path: Path, device: str = "auto") -> LoadedModel:
-    """A checkpoint file, or a sharded checkpoint (its directory or its run's), ready to generate."""
+def load_model(ckpt_path: Path, device: str = "auto", state: dict | None = None) -> LoadedModel:
+    """A checkpoint file, or a sharded checkpoint (its directory or its run's), ready to generate;
+    `state`: what open_checkpoint already read from it, so that it is not read (or, sharded,
+    consolidated) a second time."""
     sharded = is_sharded(ckpt_path)
-    state = consolidate(ckpt_path) if sharded else checkpoint.load(ckpt_path)
+    state = state if state is not None else open_checkpoint(ckpt_path)
     try:
         config = config_from_dict(state["config"], f"the config in {ckpt_path}")
         kind = "fp32" if state["format"] == checkpoint.FORMAT else str(state.get("mode"))
