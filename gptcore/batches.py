@@ -60,7 +60,10 @@ class Batches:
 
     def _rows(self, split: str, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_rank = len(offsets) // self.shard.world_size
-        mine = offsets[self.shard.rank * per_rank:(self.shard.rank + 1) * per_rank]
+        return self._windows(split, offsets[self.shard.rank * per_rank:(self.shard.rank + 1) * per_rank])
+
+    def _windows(self, split: str, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows starting at the offsets `mine`."""
         if split in self.on_device:
             index = mine.pin_memory().to(self.device, non_blocking=True)[:, None] + self.window
             rows = self.on_device[split][index].long()
@@ -82,6 +85,16 @@ class Batches:
         generator = torch.Generator().manual_seed(self.seed + 1)
         for _ in range(count):
             yield self._rows(split, self._offsets(split, global_batch, generator))
+
+    def full_pass(self, split: str, rows: int):
+        """Every token of a split once, as consecutive non-overlapping windows, `rows` at a time
+        (the last batch may be shorter): a deterministic measure that samples nothing. Each rank
+        takes its share of the windows (a contiguous slice); rows are per rank here."""
+        tokens = len(self.splits[split])
+        offsets = torch.arange(0, tokens - self.block_size, self.block_size)
+        mine = offsets.tensor_split(self.shard.world_size)[self.shard.rank]
+        for start in range(0, len(mine), rows):
+            yield self._windows(split, mine[start:start + rows])
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

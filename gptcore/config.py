@@ -29,6 +29,14 @@ class ModelConfig:
     dropout: float = 0.2
     bias: bool = False
     vocab_size: int = 0  # filled in from the data's vocabulary
+    # Block options (modded-nanogpt's); the defaults are GPT-2's, which every export format expresses.
+    position: str = "learned"  # learned: a position embedding table | rotary: RoPE on queries and keys
+    norm: str = "layernorm"  # layernorm | rmsnorm (no mean, no bias)
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
+    mlp: str = "gelu"  # gelu | relu2 (ReLU squared)
+    tie_head: bool = True  # the LM head shares the token embedding's weights
+    zero_init_proj: bool = False  # output projections (attention and MLP c_proj) start at zero
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: off
 
 
 @dataclass
@@ -45,9 +53,15 @@ class TrainConfig:
     batch_size: int = 64  # global under strong scaling, per rank under weak scaling
     grad_accum: int = 1
     scaling: str = "strong"  # strong | weak
-    lr: float = 3e-4
-    min_lr: float = 0.0  # 0 means lr / 10
+    optimizer: str = "adamw"  # adamw | muon: Muon on the blocks' matrices, AdamW (lr, weight_decay) on the rest
+    lr: float = 3e-4  # AdamW's peak learning rate
+    min_lr: float = 0.0  # 0 means lr / 10; every group decays to the same fraction of its peak
     warmup_iters: int = 100
+    schedule: str = "cosine"  # cosine: warmup, cosine decay to min_lr | wsd: warmup, hold, linear decay
+    decay_frac: float = 0.5  # wsd: the last fraction of max_iters that decays linearly to min_lr
+    muon_lr: float = 0.02  # Muon's peak learning rate (torch.optim.Muon, adjust_lr_fn="original")
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -117,7 +131,12 @@ CHOICES = {
     "resume": ("never", "auto"),
     "data.clean": ("none", "seed"),
     "data.vocab": ("chars", "bytes"),
+    "model.position": ("learned", "rotary"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "relu2"),
     "train.scaling": ("strong", "weak"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.schedule": ("cosine", "wsd"),
     "train.parallel": ("ddp", "fsdp"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
@@ -130,7 +149,14 @@ CHOICES = {
 SECTIONS = ("model", "data", "train", "profile", "log")
 MAX_LAYERS = 1000  # deeper than any GPT trained; bounds the time to build a model from a header
 # What a checkpoint's weights are laid out for: a resumed run must keep them.
-ARCHITECTURE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias")
+ARCHITECTURE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
+                     "model.position", "model.norm", "model.qk_norm", "model.mlp", "model.tie_head",
+                     "model.logit_softcap")
+# What a resumed run must keep besides its weights' layout: the optimizer's state has its shape.
+RESUME_KEYS = ARCHITECTURE_KEYS + ("train.optimizer",)
+# The block options and their GPT-2 values: an export to a GPT-2 format needs every one at its default.
+BLOCK_OPTIONS = {"model.position": "learned", "model.norm": "layernorm", "model.qk_norm": False, "model.mlp": "gelu",
+                 "model.tie_head": True, "model.logit_softcap": 0.0}
 
 
 def all_keys(obj=None, prefix: str = "") -> dict[str, type]:
@@ -282,6 +308,7 @@ def validate(config: Config) -> Config:
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
         "model.block_size": m.block_size, "train.max_iters": t.max_iters,
         "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
+        "train.muon_lr": t.muon_lr,
         "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
         "train.log_interval": t.log_interval, "train.timeout_s": t.timeout_s,
     }
@@ -294,6 +321,7 @@ def validate(config: Config) -> Config:
         "train.ckpt_interval": t.ckpt_interval, "train.threads": t.threads, "train.cpu_ranks": t.cpu_ranks,
         "train.sample_tokens": t.sample_tokens, "train.stop_at": t.stop_at,
         "train.peak_tflops": t.peak_tflops, "train.step_timeout_s": t.step_timeout_s,
+        "train.muon_weight_decay": t.muon_weight_decay, "model.logit_softcap": m.logit_softcap,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -306,7 +334,16 @@ def validate(config: Config) -> Config:
             f"try model.n_embd={m.n_embd // m.n_head * m.n_head or m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserInputError(f"config key model.dropout must be in [0, 1), got {m.dropout}")
-    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+    if not 0.0 <= t.decay_frac <= 1.0:
+        raise UserInputError(f"config key train.decay_frac must be in [0, 1] (the decaying fraction of the steps), "
+                             f"got {t.decay_frac}")
+    if m.position == "rotary" and (m.n_embd // m.n_head) % 2:
+        raise UserInputError(f"model.position=rotary rotates pairs of channels: the head size n_embd/n_head = "
+                             f"{m.n_embd // m.n_head} must be even")
+    if t.optimizer == "muon" and t.parallel == "fsdp":
+        raise UserInputError("train.optimizer=muon orthogonalizes whole matrices, and under train.parallel=fsdp each "
+                             "rank holds only a shard of each; use train.parallel=ddp with muon, or adamw with fsdp")
+    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.muon_momentum", t.muon_momentum)):
         if not 0.0 <= value < 1.0:
             raise UserInputError(f"config key {key} must be in [0, 1), got {value}")
     if config.profile.sampler_interval <= 0:
@@ -339,16 +376,23 @@ def config_from_dict(tree: dict, source: str = "the saved config") -> Config:
     return validate(config)
 
 
-def resume_conflicts(saved: Config, requested: Config) -> list[str]:
-    """The architecture keys on which a checkpoint and the run that would resume it differ, as
-    `key=saved (asked key=requested)`. Everything else may change on resume (see the README)."""
+def resume_conflicts(saved: Config, requested: Config, keys=RESUME_KEYS) -> list[str]:
+    """The keys (by default those a resumed run must keep) on which a checkpoint and the run that
+    would resume it differ, as `key=saved (asked key=requested)`. Everything else may change on
+    resume (see the README)."""
     conflicts = []
-    for key in ARCHITECTURE_KEYS:
+    for key in keys:
         section, name = key.split(".")
         was, now = getattr(getattr(saved, section), name), getattr(getattr(requested, section), name)
         if was != now:
             conflicts.append(f"{key}={was} (asked {now})")
     return conflicts
+
+
+def non_gpt2_options(model: ModelConfig) -> list[str]:
+    """The block options of a model set away from GPT-2's, as `key=value`: what a GPT-2 export cannot hold."""
+    return [f"{key}={getattr(model, key.split('.')[1])}" for key, gpt2 in BLOCK_OPTIONS.items()
+            if getattr(model, key.split(".")[1]) != gpt2]
 
 
 def batch_split(config: Config, world_size: int) -> tuple[int, int]:

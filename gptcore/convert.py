@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gptcore import checkpoint
+from gptcore.config import non_gpt2_options
 from gptcore.files import atomic_write_bytes, write_new_directory
 from gptcore.errors import UserInputError
 from gptcore.inference import decode_speed, evaluate, load_model, resolve_device
@@ -131,6 +132,10 @@ def export_command(args) -> None:
     if loaded.tokenizer.vocab == "bytes":
         raise UserInputError(f"{args.ckpt} has the bytes vocabulary (data.vocab=bytes); export writes character "
                              "vocabularies only, as nanoGPT's meta.pkl and a character tokenizer")
+    if options := non_gpt2_options(loaded.config.model):
+        raise UserInputError(f"{args.ckpt} is trained with {', '.join(options)}, which the {args.format} format (GPT-2's "
+                             "architecture) cannot express; export it with --format gptcore, or train with those "
+                             "options at their defaults")
     state = {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
     model, vocab = loaded.config.model, loaded.tokenizer.vocab
     if args.format == "hf":

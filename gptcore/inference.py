@@ -123,7 +123,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     and embedding are one tensor), except the position table, of which it reads one row. The KV
     cache is left out, as gpt-fast does: at these lengths it is small next to the weights."""
     seen, total = set(), 0
-    skipped = {id(t) for t in model.transformer.wpe.parameters()} | {id(t) for t in model.transformer.wpe.buffers()}
+    table = model.transformer["wpe"] if "wpe" in model.transformer else torch.nn.Module()
+    skipped = {id(t) for t in table.parameters()} | {id(t) for t in table.buffers()}
     for tensor in (*model.parameters(), *model.buffers()):
         key = tensor.untyped_storage().data_ptr()
         if key not in seen and id(tensor) not in skipped:

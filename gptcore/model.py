@@ -3,6 +3,11 @@
 Token + position embeddings, pre-norm blocks (fused-QKV causal attention through
 scaled_dot_product_attention, GELU MLP), a final LayerNorm and an LM head tied to the token
 embedding. The model knows nothing of ranks, devices or checkpoints: the trainer brings those.
+
+The block options of ModelConfig (off by default, so a default model is GPT-2 and exports as
+such) are the ones the modded-nanogpt speedruns found to cut the steps to a given loss: rotary
+positions instead of the table, RMSNorm, QK-norm, a ReLU² MLP, an untied head, output
+projections that start at zero, and tanh soft-capping of the logits.
 """
 
 from __future__ import annotations
@@ -20,9 +25,42 @@ def parameter_count(config: ModelConfig) -> int:
     """GPT(config)'s parameters counted from the shape alone (the tied head once): how large a
     model a config or a checkpoint's header describes, known before anything is built."""
     C, bias = config.n_embd, config.bias
-    norm = C * (2 if bias else 1)
+    norm = C * (2 if bias and config.norm == "layernorm" else 1)
     per_layer = 12 * C * C + 2 * norm + (9 * C if bias else 0)  # qkv 3C, proj C, fc 4C, proj C
-    return config.n_layer * per_layer + (config.vocab_size + config.block_size) * C + norm
+    positions = config.block_size * C if config.position == "learned" else 0
+    head = 0 if config.tie_head else config.vocab_size * C
+    return config.n_layer * per_layer + config.vocab_size * C + positions + head + norm
+
+
+def rotary_angles(pos: torch.Tensor, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_size / 2) of RoPE's angles for the positions `pos`, computed from the
+    positions themselves (no table), so a KV-cache step at position p rotates exactly as p did in
+    a whole-window forward."""
+    inv_freq = base ** -(torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """x (B, heads, T, head_size) rotated by position, pairing channel i with i + head_size/2 (the
+    GPT-NeoX and Llama layout, llama.cpp's "neox" rope), in fp32, returned in dtype."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension in fp32, returned in dtype (x's by default)."""
+    w = weight.float() if weight is not None else None
+    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(dtype or x.dtype)
+
+
+def fp32_attention(v: torch.Tensor) -> bool:
+    """Whether attention runs in fp32 although the activations are bf16: CPU training under
+    autocast, where PyTorch's flash attention runs forward as fast in bf16 as in fp32 but its
+    backward 2-4x slower (bench/bench_attention.py)."""
+    return v.is_cpu and v.dtype == torch.bfloat16 and torch.is_grad_enabled()
 
 
 class KVCache:
@@ -49,15 +87,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+                pos: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Queries and keys that attention will take in fp32 are normed and rotated in fp32 and
+        # not rounded to bf16 in between.
+        dtype = torch.float32 if fp32_attention(v) else v.dtype
+        if self.qk_norm:
+            q, k = rms_norm(q, dtype=dtype), rms_norm(k, dtype=dtype)
+        if rope is not None:
+            q, k = rotate(q, rope, dtype), rotate(k, rope, dtype)
         if cache is None:
             y = self.attend(q, k, v)
         else:
@@ -68,14 +114,11 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            # PyTorch's CPU flash attention runs forward as fast in bf16 as in fp32, but its backward
-            # 2-4x slower (bench/bench_attention.py): under CPU autocast, training keeps attention
-            # in fp32 and only the matmuls around it in bf16.
+        if fp32_attention(v):  # under CPU autocast, only the matmuls around attention are bf16
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
                                                    is_causal=True)
-            return y.to(q.dtype)
+            return y.to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
@@ -90,28 +133,47 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain, computed in fp32 as LayerNorm above is."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, bias=config.bias)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, pos)
+                pos: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, pos, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,21 +182,25 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the data"
         self.config = config
+        positions = {"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.position == "learned" else {}
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **positions,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        if config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by depth so the residual stream's variance
-        # does not grow with the number of layers.
+        # does not grow with the number of layers; or zero, so that every block starts as the
+        # identity (modded-nanogpt).
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+                nn.init.normal_(param, mean=0.0, std=std)
         self._decode_steps = {}  # compiled one-token steps, by torch.compile mode
         self._kv_cache: KVCache | None = None
 
@@ -150,7 +216,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, without the position embedding by default (it costs no matmul FLOPs)."""
         count = sum(p.numel() for p in self.parameters())
-        return count - self.transformer.wpe.weight.numel() if non_embedding else count
+        if non_embedding and "wpe" in self.transformer:
+            count -= self.transformer.wpe.weight.numel()
+        return count
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N for the weights plus the attention
@@ -166,15 +234,26 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, "sequence longer than block_size"
         if pos is None:
             pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.position == "rotary":
+            rope = rotary_angles(pos, self.config.n_embd // self.config.n_head)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, pos)
+            x = block(x, cache, layer, pos, rope)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, -1:, :]), None  # generation needs only the last position
-        logits = self.lm_head(x)
+            return self.head(x[:, -1:, :]), None  # generation needs only the last position
+        logits = self.head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def activation_dtype(self, device) -> torch.dtype:
         """What the embeddings hand the blocks: the weights' dtype, or fp32 for quantized tables."""

@@ -12,7 +12,9 @@ What is stored, per weight of the fp32 model:
 - the token and position embeddings: int8 per row in both modes. A lookup reads rows, and the
   token embedding is also the (tied) LM head, so its rows are the head's output channels: one
   int8 tensor serves both. They are ~1% of the weights, so int4 would save little;
-- LayerNorm weights and biases: fp32 (a few KB).
+- an untied head (model.tie_head=false): int8 per output channel in both modes, as the table it
+  would otherwise share (the int4 kernel also needs a vocabulary divisible by 16);
+- LayerNorm and RMSNorm weights and biases: fp32 (a few KB).
 The file is a plain dict (torch.load weights_only=True) that describes itself: format, version,
 mode, group_size (0 when there are no groups), config, vocab, and "model", the tensors named after
 the fp32 weight they replace (`transformer.h.0.mlp.c_fc.weight.int4` / `.scales` / `.zeros`).
@@ -44,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from gptcore import checkpoint
-from gptcore.config import ModelConfig
+from gptcore.config import ModelConfig, config_from_dict
 from gptcore.errors import UserInputError, shown
 from gptcore.model import GPT
 
@@ -54,7 +56,7 @@ MODES = ("int8", "int4", "bf16")
 CPU_ONLY_MODES = ("int8", "int4")  # their kernels are PyTorch's CPU kernels
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
-TIED_HEAD = "lm_head.weight"  # the token embedding; stored once
+TIED_HEAD = "lm_head.weight"  # the token embedding when tied (model.tie_head): stored once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,17 +102,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.size(0), -1)
 
 
-def quantize_weights(weights: dict[str, torch.Tensor], mode: str, group_size: int) -> dict[str, torch.Tensor]:
-    """An fp32 model state dict -> the tensors a quantized checkpoint stores."""
+def quantize_weights(weights: dict[str, torch.Tensor], mode: str, group_size: int,
+                     tied_head: bool = True) -> dict[str, torch.Tensor]:
+    """An fp32 model state dict -> the tensors a quantized checkpoint stores. An untied head is
+    a matrix like the blocks' (int8 or int4)."""
     out = {}
     for name, tensor in weights.items():
-        if name == TIED_HEAD:
+        if name == TIED_HEAD and tied_head:
             continue
         tensor = tensor.float()
         if mode == "bf16":
             # The norms stay fp32 (a few KB): gptcore.model.LayerNorm computes in fp32 anyway.
             out[name] = tensor if is_norm(name) else tensor.to(torch.bfloat16)
-        elif tensor.dim() == 2 and (mode == "int8" or name in EMBEDDINGS):
+        elif tensor.dim() == 2 and (mode == "int8" or name in (*EMBEDDINGS, TIED_HEAD)):
             out[name + ".int8"], out[name + ".scales"] = quantize_int8(tensor)
         elif tensor.dim() == 2:
             out[name + ".int4"], out[name + ".scales"], out[name + ".zeros"] = quantize_int4(tensor, group_size)
@@ -211,6 +215,7 @@ def check_group_size(mode: str, group_size: int, model: ModelConfig) -> None:
 
 def quantized_checkpoint(state: dict, mode: str, group_size: int) -> dict:
     """A trainer checkpoint -> a self-describing quantized checkpoint (no optimizer state)."""
+    tied_head = config_from_dict(state["config"]).model.tie_head
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -219,7 +224,7 @@ def quantized_checkpoint(state: dict, mode: str, group_size: int) -> dict:
         "source_step": int(state.get("step", 0)),
         "config": state["config"],
         "vocab": state["vocab"],
-        "model": quantize_weights(state["model"], mode, group_size),
+        "model": quantize_weights(state["model"], mode, group_size, tied_head),
     }
 
 
@@ -240,7 +245,7 @@ def expected_layout(model: ModelConfig, mode: str, group_size: int) -> dict[str,
     """Name -> (shape, dtype) of every tensor a checkpoint of this config and mode must hold."""
     with torch.device("meta"):
         weights = GPT(model).state_dict()
-        stored = quantize_weights(weights, mode, group_size)
+        stored = quantize_weights(weights, mode, group_size, model.tie_head)
     return {name: (tensor.shape, tensor.dtype) for name, tensor in stored.items()}
 
 
@@ -292,9 +297,12 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
     check_tensors(weights, expected_layout(config.model, mode, group_size), mode, group_size)
     with torch.device("meta"):
         model = GPT(config.model)
+    tied = config.model.tie_head
     if mode == "bf16":
-        model.load_state_dict({**weights, TIED_HEAD: weights["transformer.wte.weight"]}, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight
+        model.load_state_dict({**weights, TIED_HEAD: weights["transformer.wte.weight"]} if tied else weights,
+                              assign=True)
+        if tied:
+            model.lm_head.weight = model.transformer.wte.weight
         return model.eval(), mode
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
@@ -309,8 +317,9 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    wte = model.transformer.wte
-    model.lm_head = Int8Linear(wte.weight_int8, wte.scales)  # tied: the same tensors
+    if tied:
+        wte = model.transformer.wte
+        model.lm_head = Int8Linear(wte.weight_int8, wte.scales)  # the same tensors
     kept_as_is = {name: tensor for name, tensor in weights.items() if name.endswith((".weight", ".bias"))}
     model.load_state_dict(kept_as_is, strict=False, assign=True)  # the LayerNorms and biases
     return model.eval(), mode

@@ -1,4 +1,4 @@
-"""The training loop: micro-steps, gradient accumulation, AdamW, warmup + cosine, eval, checkpoints.
+"""The training loop: micro-steps, gradient accumulation, the optimizer and its schedule, eval, checkpoints.
 
     gptcore train --config cpu
     torchrun --nproc_per_node=4 -m gptcore train --config seed
@@ -31,7 +31,7 @@ from gptcore.prepare import resolve_data
 from gptcore.errors import TrainingFailure, UserInputError, shown
 from gptcore.checkpoint import check_header_fits_file
 from gptcore.model import GPT, parameter_count
-from gptcore.optim import make_optimizer
+from gptcore.optim import lr_factor, make_optimizer, set_lr
 from gptcore.preemption import requeue_slurm_job
 from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
 from gptcore.rundir import RunLock, claim, move_aside
@@ -41,17 +41,6 @@ from gptcore.watchdog import Watchdog
 
 # What a run writes into its directory besides its checkpoints; a fresh run moves an earlier one's aside.
 EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang", "tb", "wandb", "wandb_run_id")
-
-
-def lr_at(step: int, config: Config) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr (lr/10 when unset) at max_iters."""
-    t = config.train
-    min_lr = t.min_lr or t.lr / 10
-    if step < t.warmup_iters:
-        return t.lr * (step + 1) / (t.warmup_iters + 1)
-    span = max(1, t.max_iters - t.warmup_iters)
-    progress = min(1.0, (step - t.warmup_iters) / span)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - min_lr)
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -131,6 +120,23 @@ def evaluate(model: torch.nn.Module, batches: Batches, iters: int, rows: int, au
         losses[split] = distributed.all_reduce_mean(total / iters).item()
     model.train()
     return losses
+
+
+@torch.no_grad()
+def evaluate_full(model: torch.nn.Module, batches: Batches, split: str, rows: int, autocast) -> float:
+    """Mean loss per token over every window of a split (Batches.full_pass), over all ranks
+    (collective): the deterministic measure that time-to-loss comparisons need."""
+    model.eval()
+    total = torch.zeros((), device=batches.device, dtype=torch.float64)
+    count = torch.zeros((), device=batches.device, dtype=torch.float64)
+    for x, y in batches.full_pass(split, rows):
+        with autocast:
+            _, loss = model(x, y)
+        total += loss.double() * y.numel()
+        count += y.numel()
+    model.train()
+    total, count = distributed.all_reduce_mean(torch.stack((total, count))).tolist()  # the ratio of the sums
+    return total / count
 
 
 @dataclass
@@ -236,6 +242,24 @@ class Trainer:
 
     # -- pieces of the loop ---------------------------------------------------------------------
 
+    def train_step(self, step: int, timer: PhaseTimer) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """One optimizer step at `step`'s learning rate: (its loss, AdamW's lr, whether the gradients
+        were finite), all left on the device."""
+        t = self.config.train
+        factor = lr_factor(step, t)
+        set_lr(self.optimizer, factor, t)
+        step_loss = self._micro_steps(timer)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        with timer.phase("optimizer"):
+            if t.grad_clip > 0:
+                finite = torch.isfinite(self.parallel.clip_gradients(t.grad_clip))
+            self.optimizer.step()
+            if self.memory is None:  # the first step: gradients and the optimizer's state exist now
+                self.memory = state_bytes(self.model, self.optimizer)
+                self.log(describe_memory(self.memory))
+            self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, factor * t.lr, finite & torch.isfinite(step_loss)
+
     def _micro_steps(self, timer: PhaseTimer) -> torch.Tensor:
         accum = self.config.train.grad_accum
         total = torch.zeros((), device=self.device)
@@ -285,7 +309,7 @@ class Trainer:
     def _log_start(self, metrics: RunLog) -> None:
         t = self.config.train
         self.log(f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
-                 f"parallel={t.parallel} "
+                 f"parallel={t.parallel} optimizer={t.optimizer} schedule={t.schedule} "
                  f"dtype={self.dtype_name} backend={distributed.backend_name()} "
                  f"compile={'on' if compiles(self.config, self.device) else 'off'} "
                  f"deterministic={'on' if t.deterministic else 'off'}")
@@ -352,19 +376,8 @@ class Trainer:
                 while step < end:
                     with profiler.paused():  # the trace's own start and export stay out of cProfile
                         trace.before_step(step)
-                    lr = lr_at(step, config)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    step_loss = self._micro_steps(timer)
-                    with timer.phase("optimizer"):
-                        if t.grad_clip > 0:
-                            diverged |= ~torch.isfinite(self.parallel.clip_gradients(t.grad_clip))
-                        self.optimizer.step()
-                        if self.memory is None:  # the first step: gradients and AdamW's moments exist now
-                            self.memory = state_bytes(self.model, self.optimizer)
-                            self.log(describe_memory(self.memory))
-                        self.optimizer.zero_grad(set_to_none=True)
-                    diverged |= ~torch.isfinite(step_loss)
+                    step_loss, lr, finite = self.train_step(step, timer)
+                    diverged |= ~finite
                     timer.step_done()
                     if self.comm:
                         self.comm.step_done()
@@ -431,7 +444,7 @@ def starting_weights(config: Config, log) -> dict | None:
         raise UserInputError(f"train.init_from {path} is {shown(state.get('mode'))}-quantized; start from the fp32 "
                              "ckpt.pt of `gptcore train` or `gptcore import`")
     saved = config_from_dict(state["config"], f"the config in {path}")
-    if asked := [c for c in resume_conflicts(saved, config) if c.split("=")[0] in config.given_keys]:
+    if asked := [c for c in resume_conflicts(saved, config, ARCHITECTURE_KEYS) if c.split("=")[0] in config.given_keys]:
         raise UserInputError(f"train.init_from {path} holds another model ({', '.join(asked)}); drop those model.* "
                              "settings: a fine-tuning run takes the checkpoint's shape")
     for key in ARCHITECTURE_KEYS:

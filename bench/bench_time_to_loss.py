@@ -1,0 +1,227 @@
+"""Time to a good model: the wall time and steps until the validation loss first reaches a target.
+
+    python bench/bench_time_to_loss.py                      # baseline against fast: cpu shape, default corpus
+    python bench/bench_time_to_loss.py --arms baseline,adamw-short,+muon,+wsd,+relu2,+qk_norm,+rotary,+zero_init,fast
+    python bench/bench_time_to_loss.py --data ../shared/data/tinyshakespeare.txt --seeds 5
+
+Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
+step budget is part of the recipe). From `--eval-from` of the run on, every `--every` steps (at
+least a fifteenth of the run), and at the last step, the model is evaluated on the WHOLE
+validation split (consecutive windows, nothing sampled); that time is left out of the clock and
+reported apart, and so is warm-up (the first `--warmup` steps: allocation, torch.compile). The target is the baseline's own final validation loss, averaged over its seeds
+(or --target); an arm's time to it is the training time at its first evaluation at or below it.
+
+Arms run as fresh processes, alternating (round r runs every arm with seed r), so that drift of
+the machine falls on all arms alike. The verdict compares the arms' times with Welch's t-test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
+
+# The recipes. `baseline` is nanoGPT's (AdamW, warmup + cosine, GPT-2 block) as the config gives
+# it; `fast` is the fast preset cut to the --steps budget. The ablation starts from the baseline
+# at that budget and adds one technique at a time, each keeping the ones before it, until it is
+# the fast preset: what each technique bought at an equal number of steps.
+SHORT = ["train.max_iters={steps}"]
+MUON = ["train.optimizer=muon", "train.muon_lr=0.02"]
+WSD = ["train.schedule=wsd", "train.decay_frac=0.5", "train.warmup_iters=50", "train.lr=4e-3", "train.min_lr=4e-5"]
+BLOCK = ["model.mlp=relu2", "model.qk_norm=true", "model.position=rotary", "model.zero_init_proj=true"]
+ARMS = {
+    "baseline": ("{config}", []),
+    "fast": ("fast", SHORT),
+    "adamw-short": ("{config}", SHORT),
+    "+muon": ("{config}", SHORT + MUON),
+    "+wsd": ("{config}", SHORT + MUON + WSD),
+    "+relu2": ("{config}", SHORT + MUON + WSD + BLOCK[:1]),
+    "+qk_norm": ("{config}", SHORT + MUON + WSD + BLOCK[:2]),
+    "+rotary": ("{config}", SHORT + MUON + WSD + BLOCK[:3]),
+    "+zero_init": ("{config}", SHORT + MUON + WSD + BLOCK[:4]),  # + an untied head: the fast preset
+}
+
+
+def run_one(args) -> dict:
+    """One arm, one seed, in this process: the curve of full validation losses against training time."""
+    import torch
+
+    from gptcore.config import load_config
+    from gptcore.profiling import PhaseTimer
+    from gptcore.train import Trainer, evaluate_full
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(args.preset, json.loads(args.overrides) + [
+            f"out_dir={tmp}/run", f"data.path={args.data}", f"train.seed={args.seed}", "train.sample_tokens=0",
+            "profile.sampler=false", "log.tensorboard=false", "profile.comm=false"])
+        trainer = Trainer(config)
+        try:
+            trainer.setup()
+            t, model = config.train, trainer.model
+            timer = PhaseTimer(trainer.device, enabled=False)
+            sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+            curve, trained, warmup, evaluating = [], 0.0, 0.0, 0.0
+            every = max(args.every, t.max_iters // 15 // args.every * args.every)
+            for step in range(t.max_iters):
+                start = time.perf_counter()
+                trainer.train_step(step, timer)
+                sync()
+                elapsed = time.perf_counter() - start
+                if step < args.warmup:
+                    warmup += elapsed
+                else:
+                    trained += elapsed
+                done = step + 1
+                if done == t.max_iters or (done % every == 0 and done >= args.eval_from * t.max_iters):
+                    start = time.perf_counter()
+                    val = evaluate_full(model, trainer.batches, "val", args.eval_rows, trainer.autocast)
+                    evaluating += time.perf_counter() - start
+                    curve.append({"step": done, "train_s": round(trained, 3), "val": round(val, 5)})
+                    if not math.isfinite(val):
+                        break
+        finally:
+            trainer.lock.release()
+            from gptcore import distributed
+            distributed.shutdown()
+    return {"preset": args.preset, "overrides": json.loads(args.overrides), "seed": args.seed,
+            "max_iters": config.train.max_iters, "warmup_s": round(warmup, 3), "eval_s": round(evaluating, 3),
+            "ms_per_step": round(1000 * trained / max(1, curve[-1]["step"] - args.warmup), 2),
+            "final_val": curve[-1]["val"], "curve": curve, "threads": torch.get_num_threads()}
+
+
+def time_to(curve: list[dict], target: float) -> tuple[float, int] | None:
+    """(training seconds, steps) at the first evaluation at or below target, or None."""
+    hit = next((point for point in curve if point["val"] <= target), None)
+    return (hit["train_s"], hit["step"]) if hit else None
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t statistic and its two-sided p-value (Student's t with the Welch-Satterthwaite
+    degrees of freedom)."""
+    ma, mb, va, vb = statistics.mean(a), statistics.mean(b), statistics.variance(a), statistics.variance(b)
+    se2 = va / len(a) + vb / len(b)
+    if se2 == 0:
+        return math.inf, 0.0
+    t = (ma - mb) / math.sqrt(se2)
+    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    return t, incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's
+    method), which converges fast for x < (a + 1) / (a + b + 2); the symmetry
+    I_x(a, b) = 1 - I_{1-x}(b, a) covers the rest. I_{df/(df+t^2)}(df/2, 1/2) is Student's
+    two-sided p-value."""
+    if x <= 0 or x >= 1:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * result
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
+def report(results: dict[str, list[dict]], target: float) -> list[str]:
+    lines = [f"target: validation loss {target:.4f} (full pass over the validation split)", "",
+             "| arm | steps run | ms/step | final val | reached | time to target (s) | steps to target | vs baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = [time_to(r["curve"], target) for r in results.get("baseline", [])]
+    base_times = [hit[0] for hit in base if hit]
+    for arm, runs in results.items():
+        hits = [time_to(r["curve"], target) for r in runs]
+        times = [hit[0] for hit in hits if hit]
+        steps = [hit[1] for hit in hits if hit]
+        ratio = (f"{statistics.mean(times) / statistics.mean(base_times):.1%}"
+                 if times and base_times and len(times) == len(runs) else "-")
+        lines.append(f"| {arm} | {runs[0]['max_iters']} | {mean_std([r['ms_per_step'] for r in runs])} | "
+                     f"{mean_std([r['final_val'] for r in runs])} | {len(times)}/{len(runs)} | "
+                     f"{mean_std(times) if times else '-'} | {mean_std(steps) if steps else '-'} | {ratio} |")
+    lines.append("")
+    for arm, runs in results.items():
+        times = [hit[0] for hit in (time_to(r["curve"], target) for r in runs) if hit]
+        if arm == "baseline" or len(times) < 2 or len(base_times) < 2 or len(times) < len(runs):
+            continue
+        t, p = welch(times, base_times)
+        verdict = "faster" if statistics.mean(times) < statistics.mean(base_times) else "slower"
+        lines.append(f"verdict {arm}: {statistics.mean(times) / statistics.mean(base_times):.1%} of the baseline's "
+                     f"time to target, {verdict} (Welch t = {t:.2f}, p = {p:.2g}, n = {len(times)} and {len(base_times)})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cpu", help="the baseline's preset (default cpu)")
+    parser.add_argument("--data", default="shakespeare", help="corpus name or text file (default: the default corpus)")
+    parser.add_argument("--arms", default="baseline,fast", help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--steps", type=int, default=350, help="step budget of fast and the ablation arms")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--every", type=int, default=25, help="steps between full validation passes (at least "
+                        "a fifteenth of the run)")
+    parser.add_argument("--eval-from", type=float, default=0.5, help="first evaluation at this fraction of the run")
+    parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3, help="first steps timed apart (allocation, compile)")
+    parser.add_argument("--target", type=float, default=0.0, help="default: the baseline's mean final val loss")
+    parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
+    parser.add_argument("--json", help="write every run's curve here")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    arms = args.arms.split(",")
+    if unknown := [arm for arm in arms if arm not in ARMS]:
+        sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    steps = args.steps
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for round_ in range(args.seeds):
+        for arm in arms:
+            preset, extra = ARMS[arm]
+            overrides = [o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
+            command = [sys.executable, __file__, "--one", "--preset", preset.format(config=args.config),
+                       "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
+                       "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                sys.exit(f"bench_time_to_loss: arm {arm} seed {1000 + round_} failed:\n{done.stderr[-2000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            results[arm].append(run)
+            print(f"round {round_} {arm}: {run['max_iters']} steps, {run['ms_per_step']} ms/step, final val "
+                  f"{run['final_val']:.4f}, eval {run['eval_s']:.0f} s (not timed)", flush=True)
+    target = args.target or statistics.mean(r["final_val"] for r in results.get("baseline", []) or [{"final_val": 0}])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"target": target, "results": results}, indent=1))
+    print("\n".join(report(results, target)))
+
+
+if __name__ == "__main__":
+    main()
