@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Prove the GPU path on one GPU in a few minutes; a summary table is printed last.
+# Prove the GPU path on one GPU in under 5 minutes; the table is written as it grows.
 #
-#   bash bench/gpu_check.sh                    # on a GPU machine: its own PyTorch, no install
+# Here, once (any machine with this checkout set up; no GPU needed):
+#   bash bench/gpu_check.sh --prepare        # the training text into gpu_bundle/ (git ignores it)
+# On the lent GPU machine, through the device tool, exactly:
+#   command "bash bench/gpu_check.sh", carry ["gpu_bundle"], timeout_s 420
+#   (the table lands in $OUT: gpu_check.md, gpu_check.json, gpu_check.log; a second try within
+#    the 15 minutes: command "bash bench/gpu_check.sh --quick", carry ["gpu_bundle"], timeout_s 180)
+# Anywhere else:
+#   bash bench/gpu_check.sh                    # on a GPU machine: its own PyTorch, no install, no network
 #   bash bench/gpu_check.sh --smoke            # the same sections on the CPU at a tiny shape (CI)
 #   bash bench/gpu_check.sh --only train,decode --data data/tinyshakespeare.txt
 #

@@ -74,6 +74,9 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.causal = torch.ones(config.block_size, config.block_size, dtype=torch.bool, device=device).tril()
+        # The one-token step's input: a slice of the output would have a stride that depends on the
+        # length generated, and a compiled step would be recompiled for every length.
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.keys[layer].index_copy_(2, pos, k)
@@ -302,7 +305,7 @@ class GPT(nn.Module):
             cache = self.kv_cache(B, device, self.activation_dtype(device))
             step = self.compiled_decode_step(device) if compile else self.decode_step
             if compile:
-                for tensor in (cache.keys, cache.values, cache.causal):
+                for tensor in (cache.keys, cache.values, cache.causal, cache.token):
                     torch._dynamo.mark_static_address(tensor)  # CUDA graphs read them in place
         for t in range(prompt, prompt + max_new_tokens):
             if t - start > window:
@@ -314,7 +317,8 @@ class GPT(nn.Module):
                 logits, _ = self(out[:, start:t], cache=cache, pos=torch.arange(filled, device=device))
                 pos, refill = torch.full((1,), filled, dtype=torch.long, device=device), False
             else:
-                logits = step(out[:, t - 1:t], pos, cache)
+                cache.token.copy_(out[:, t - 1:t])
+                logits = step(cache.token, pos, cache)
                 pos += 1
             out[:, t] = sample_next(logits[:, -1, :], temperature, top_k, generator)[:, 0]
         return out

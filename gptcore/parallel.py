@@ -85,7 +85,10 @@ def parallelize(model: torch.nn.Module, device: torch.device, strategy: str, com
     torch.compile, so that compile splits the graph at DDP's bucket boundaries and the all-reduce
     of one bucket overlaps the backward of the next; comm_hook, if given, all-reduces each DDP
     bucket (profiling.AllReduceTimer.hook times them). FSDP shards each block, then the root (the
-    embeddings, the tied head and the final norm)."""
+    embeddings, the tied head and the final norm); compiled, each block is compiled on its own
+    before it is sharded (as torchtitan does), and the root is left eager: its all-gathers and
+    reduce-scatters run from hooks around each block, which a graph of the whole model would have
+    to trace through."""
     if activation_checkpointing:
         checkpoint_activations(model)
     ddp = None
@@ -96,10 +99,12 @@ def parallelize(model: torch.nn.Module, device: torch.device, strategy: str, com
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         policy = mixed_precision(compute_dtype)
         for block in model.transformer.h:
+            if compile_model:
+                block.compile()
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         # The root's weights are needed again at once by the head's backward: never resharded.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-        compute = model
+        return Parallel(strategy, model, model)
     elif distributed.is_initialized():
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

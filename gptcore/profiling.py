@@ -120,7 +120,11 @@ class AllReduceTimer:
         if not self.spans or not self.step_marks:
             return None
         if self.cuda:
-            self.spans[-1][1].synchronize()
+            # The events were recorded on the streams current when DDP called the hook and when
+            # NCCL finished, not one stream: the last one done says nothing of the others.
+            for ready, done, _ in self.spans:
+                ready.synchronize()
+                done.synchronize()
             origin = self.spans[0][0]
             spans = [(origin.elapsed_time(a) / 1000, origin.elapsed_time(b) / 1000, n) for a, b, n in self.spans]
         else:
@@ -193,15 +197,21 @@ class LoopProfiler:
         atomic_write_bytes(self.path.with_suffix(".txt"), text.getvalue().encode("utf-8"))
 
 
+STEP_SPAN = "gptcore.step"  # the name of each traced step's span in a torch.profiler trace
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
 class TorchProfilerWindow:
     """A torch.profiler trace of a few steps, written as Chrome JSON (open in chrome://tracing
-    or Perfetto)."""
+    or Perfetto). Each step is a span named STEP_SPAN, so that what the steps did is told apart
+    from what the profiler itself does when it stops (it synchronizes the GPU)."""
 
     def __init__(self, run_dir: Path, rank: int, start: int, steps: int, enabled: bool):
         self.enabled = enabled
         self.start, self.stop = start, start + steps
         self.path = Path(run_dir) / "profile" / f"trace_rank{rank}.json"
         self.profiler = None
+        self.span = None
 
     def before_step(self, step: int) -> None:
         if self.enabled and step == self.start and self.profiler is None:
@@ -210,17 +220,39 @@ class TorchProfilerWindow:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
             self.profiler.__enter__()
+        if self.profiler is not None:
+            self.span = torch.profiler.record_function(STEP_SPAN)
+            self.span.__enter__()
 
     def after_step(self, step: int) -> None:
+        if self.span is not None:
+            self.span.__exit__(None, None, None)
+            self.span = None
         if self.profiler is not None and step + 1 >= self.stop:
             self.close()
 
     def close(self) -> None:
         if self.profiler is None:
             return
+        if self.span is not None:
+            self.span.__exit__(None, None, None)
+            self.span = None
         self.profiler.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         self.profiler.export_chrome_trace(str(tmp))
         tmp.replace(self.path)
         self.profiler = None
+
+
+def host_syncs_per_step(events: list[dict]) -> float:
+    """Host synchronizations (the CUDA runtime calls that block the CPU until the GPU is done)
+    per traced step, from a Chrome trace's events: only those inside a step's span count, not the
+    profiler's own when it stops. 0 for a loop that lets the GPU run ahead."""
+    spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+             if e.get("name") == STEP_SPAN and e.get("cat", "user_annotation") == "user_annotation" and "ts" in e]
+    if not spans:
+        return 0.0
+    syncs = sum(1 for e in events if e.get("name") in HOST_SYNC_CALLS and "ts" in e
+                and any(start <= e["ts"] <= end for start, end in spans))
+    return syncs / len(spans)

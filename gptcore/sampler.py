@@ -44,6 +44,15 @@ def parse_nvidia_smi(text: str) -> list[dict]:
     return gpus
 
 
+def describe_gpu(gpu: dict) -> str:
+    """One parsed nvidia-smi row in words; what nvidia-smi reported as [N/A] reads 'unknown'."""
+    def field(name: str, unit: str, digits: int = 0) -> str:
+        value = gpu.get(name)
+        return "unknown " + unit.strip() if value is None else f"{value:,.{digits}f}{unit}"
+    return (f"gpu{gpu['index']} {field('mem_total_mib', ' MiB')}, {field('util_pct', '% busy')}, "
+            f"{field('power_w', ' W', 1)}, {field('temp_c', ' C')}")
+
+
 def visible_gpus(gpus: list[dict], cuda_visible_devices: str | None) -> list[dict]:
     """The job's own GPUs: nvidia-smi lists the whole node, CUDA_VISIBLE_DEVICES (set by Slurm's
     --gpus) names ours. Kept whole when the variable is unset, not indices, or matches nothing."""

@@ -19,7 +19,7 @@ from conftest import (REPO, assert_one_line_error, job_info, run_metrics, run_gp
 
 SCRIPT = ["bash", "env/local_slurm.sh"]
 # One rank per node; no GPUs, so the test does not depend on the cluster's fake gres count.
-TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0"]
+TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"]
 TINY = ["train.device=cpu", "train.sample_tokens=0"]
 # Long enough (~10 s on two ranks) for a kill or a signal to land mid-run, with checkpoints to resume from.
 LONG = ["train.max_iters=2000", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=1000"]

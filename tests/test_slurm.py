@@ -55,7 +55,9 @@ class Jobs:
 
     def sbatch(self, *args, env=None) -> str:
         job_name = next(a.split("=", 1)[1] for a in args if str(a).startswith("--job-name="))
-        out = run("sbatch", "--parsable", *args, env=env)
+        # The templates ask GPU nodes' 8 CPUs per rank; the local cluster's 2 cores advertise 8 in all.
+        cpus = [] if any(str(a).startswith("--cpus-per-task") for a in args) else ["--cpus-per-task=2"]
+        out = run("sbatch", "--parsable", *cpus, *args, env=env)
         job_id = out.strip().split(";")[0]
         self.submitted.append((job_id, job_name))
         return job_id
