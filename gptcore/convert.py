@@ -15,6 +15,7 @@ before and after, and batch-1 decode tokens/s with the memory bandwidth it impli
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from gptcore import checkpoint
 from gptcore.config import non_gpt2_options
 from gptcore.files import atomic_write_bytes, write_new_directory
 from gptcore.errors import UserInputError
-from gptcore.inference import decode_speed, evaluate, load_model, resolve_device
+from gptcore.inference import decode_speed, eval_data, evaluate, load_model, resolve_device
 from gptcore.sharded import consolidate, is_sharded, open_checkpoint, size_on_disk
 from gptcore.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
 
@@ -38,12 +39,13 @@ def pick_group_size(mode: str, asked: int | None, n_embd: int) -> tuple[int, str
     return 32, f"group size 32: the default {DEFAULT_GROUP_SIZE} does not divide n_embd {n_embd}"
 
 
-def measure(reference, quantized, args) -> dict:
-    """Loss on the same fixed batches and decode speed, for the fp32 model and the quantized one."""
+def measure(reference, quantized, args, data_dir: Path | None) -> dict:
+    """Loss on the same fixed batches of data_dir (the source checkpoint's data) and decode speed,
+    for the fp32 model and the quantized one."""
     report = {}
-    if args.eval_batches > 0:
-        before = evaluate(reference, args.data, args.eval_batches, args.batch_size)
-        after = evaluate(quantized, args.data, args.eval_batches, args.batch_size)
+    if data_dir is not None:
+        before = evaluate(reference, str(data_dir), args.eval_batches, args.batch_size)
+        after = evaluate(quantized, str(data_dir), args.eval_batches, args.batch_size)
         report["eval"] = {
             "batches": args.eval_batches, "batch_size": args.batch_size, "block_size": before["block_size"],
             "fp32": {"val_loss": before["val_loss"], "val_bpc": before["val_bpc"]},
@@ -101,16 +103,21 @@ def quantize_command(args) -> None:
     if note:
         print(f"int4: {note}")
 
-    quantized_state = quantized_checkpoint(state, args.mode, group_size)
-    checkpoint.save(quantized_state, out)
-    quantized = load_model(out, device)  # measure the file as written, through the loader users run
+    with tempfile.TemporaryDirectory(prefix="gptcore-quantize-") as scratch:
+        # The data the source was trained on, found before anything is written: beside the source
+        # checkpoint (not beside --out), --data, or its named corpus.
+        data_dir = eval_data(reference, args.data, Path(scratch)) if args.eval_batches > 0 else None
+        quantized_state = quantized_checkpoint(state, args.mode, group_size)
+        checkpoint.save(quantized_state, out)
+        quantized = load_model(out, device)  # measure the file as written, through the loader users run
+        measured = measure(reference, quantized, args, data_dir)
     report = {
         "mode": args.mode, "group_size": quantized_state["group_size"], "source": str(source), "out": str(out),
         "size_bytes": {"fp32": serialized_size(fp32_model_checkpoint(state)), args.mode: out.stat().st_size,
                        "source_file": size_on_disk(source)},
     }
     report["size_ratio"] = report["size_bytes"][args.mode] / report["size_bytes"]["fp32"]
-    report.update(measure(reference, quantized, args))
+    report.update(measured)
     report_path = out.with_suffix(".json")
     atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     print(f"wrote {out} ({args.mode}" + (f", group size {group_size}" if args.mode == "int4" else "") + ")")

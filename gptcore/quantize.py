@@ -47,6 +47,7 @@ import torch.nn as nn
 
 from gptcore import checkpoint
 from gptcore.config import ModelConfig, config_from_dict
+from gptcore.data import tokenizer_for
 from gptcore.errors import UserInputError, shown
 from gptcore.model import GPT
 
@@ -264,8 +265,7 @@ def check_header(state: dict, model: ModelConfig) -> tuple[str, int]:
         raise ValueError(f"group_size {shown(group_size)} does not fit mode {mode}")
     if mode == "int4" and (problem := int4_problem(model, group_size)):
         raise ValueError(problem)
-    if not isinstance(state["vocab"], list) or len(state["vocab"]) != model.vocab_size:
-        raise ValueError(f"the vocabulary is {shown(state['vocab'])} of the wrong length for vocab_size {model.vocab_size}")
+    tokenizer_for(state["vocab"], model.vocab_size)  # characters or bytes, of the model's size
     return mode, group_size
 
 

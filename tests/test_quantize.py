@@ -179,3 +179,28 @@ def test_a_bf16_model_keeps_its_norms_and_its_loss_in_fp32():
         _, loss = bf16(x, y)
     assert mode == "bf16" and loss.dtype == torch.float32
     assert abs(loss.item() / reference.item() - 1) < 0.01
+
+
+def test_a_bytes_model_quantizes_samples_and_evaluates_from_a_file_outside_its_run(corpus, tmp_path, capsys):
+    """The README's pretrain flow trains on bytes; its quantized files load, sample and evaluate on
+    the data beside the checkpoint they came from, wherever --out puts them."""
+    run = tmp_path / "bytes"
+    trained = run_gptcore("train", "--config", "tiny", f"data.path={corpus}", f"out_dir={run}", "data.vocab=bytes",
+                          "train.max_iters=60", "train.sample_tokens=0")
+    assert trained.returncode == 0, trained.stderr
+    elsewhere = tmp_path / "exports"
+    elsewhere.mkdir()
+    for mode, group in (("int8", "64"), ("int4", "32"), ("bf16", "64")):
+        out = elsewhere / f"q_{mode}.pt"
+        made = gptcore_here(capsys, "quantize", "--ckpt", run / "ckpt.pt", "--mode", mode, "--group-size", group,
+                            "--out", out, "--device", "cpu", *REPORT_FLAGS)
+        assert made.returncode == 0, made.stderr
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert abs(report["eval"]["loss_change_pct"]) < 5
+        sampled = gptcore_here(capsys, "sample", "--ckpt", out, "--prompt", "the ", "--tokens", "20", "--seed", "1")
+        assert sampled.returncode == 0 and sampled.stdout.startswith("the "), sampled.stderr
+        evaluated = gptcore_here(capsys, "eval", "--ckpt", out, "--data", corpus, "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt")) == ["ckpt.pt"]  # nothing beside it
+    refused = gptcore_here(capsys, "quantize", "--ckpt", run / "ckpt.pt", "--mode", "int8", "--out", run / "ckpt.pt")
+    assert_one_line_error(refused, 2, "would overwrite the input checkpoint")
