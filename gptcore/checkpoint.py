@@ -104,6 +104,19 @@ def foreign_directory(path: Path) -> str:
     return "; pass a checkpoint file (ckpt.pt)"
 
 
+def first_non_finite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None: a file whose
+    checksums are right can still hold weights that compute nothing but NaN."""
+    return next((name for name, tensor in tensors.items()
+                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()),
+                None)
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line (torch's size-mismatch message spans several)."""
+    return " ".join(str(err).split())[:limit]
+
+
 BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
@@ -140,8 +153,11 @@ def check_resumable(state: dict, config: Config, where: Path) -> dict:
         raise UserInputError(f"checkpoint {where} is damaged or from another version ({err}); "
                              "use another checkpoint or retrain") from None
     if conflicts := resume_conflicts(saved, config):
-        raise UserInputError(f"{where} holds another model ({', '.join(conflicts)}); resume with the "
-                             "checkpoint's model settings, or train into another out_dir")
+        raise UserInputError(f"{where} holds another model or optimizer ({', '.join(conflicts)}); resume with the "
+                             "checkpoint's settings, or train into another out_dir")
+    if isinstance(state.get("model"), dict) and (bad := first_non_finite(state["model"])):
+        raise UserInputError(f"checkpoint {where} holds NaN or infinite weights ({bad}), which training never saves: "
+                             "the file was altered; use another checkpoint or train into another out_dir")
     return state
 
 

@@ -46,6 +46,18 @@ def at_least(lowest: int):
     return parse
 
 
+def thread_count(lowest: int):
+    """An argparse type for --threads: from `lowest` up to the CPUs this process may use (more
+    threads than CPUs only contend, and a huge count makes OpenMP fail allocating their stacks)."""
+    def parse(text: str) -> int:
+        value = at_least(lowest)(text)
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if value > usable:
+            raise argparse.ArgumentTypeError(f"{value} is more than the {usable} CPU(s) this process may use")
+        return value
+    return parse
+
+
 def non_negative_number(text: str) -> float:
     try:
         value = float(text)
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=at_least(0), default=200, help="sample among the k likeliest; 0 for all")
     p.add_argument("--seed", type=at_least(0), default=None, help="repeat a sample (default: a fresh seed, printed)")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads; 0 leaves torch's default")
+    p.add_argument("--threads", type=thread_count(0), default=0, help="CPU threads; 0 leaves torch's default")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token step (CUDA graphs on a GPU): pays off for long samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
@@ -214,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=20, help="fixed val batches for the loss report; 0 skips")
     p.add_argument("--batch-size", type=int, default=16, help="rows per evaluation batch")
     p.add_argument("--bench-tokens", type=int, default=200, help="new tokens for the decode speed; 0 skips")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for the decode speed")
+    p.add_argument("--threads", type=thread_count(1), default=1, help="CPU threads for the decode speed")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_quantize)
 

@@ -75,13 +75,16 @@ def load_model(ckpt_path: Path, device: str = "auto", state: dict | None = None)
             model = GPT(config.model)
             model.load_state_dict(state["model"])
             kind = "fp32"
+            if bad := checkpoint.first_non_finite(state["model"]):
+                raise UserInputError(f"checkpoint {ckpt_path} holds NaN or infinite weights ({bad}): its run diverged "
+                                     "or the file was altered; use an earlier checkpoint or retrain")
         else:
             model, kind = model_from_quantized(state, config)
         tokenizer = tokenizer_for(state["vocab"], config.model.vocab_size)
     except UserInputError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({str(err)[:200]}); "
+        raise UserInputError(f"checkpoint {ckpt_path} is damaged or from another version ({checkpoint.one_line(err)}); "
                              "retrain or re-export it") from None
     target = resolve_device(device, kind)
     path = checkpoint_directory(ckpt_path) if sharded else Path(ckpt_path)  # its run's data is beside it

@@ -60,6 +60,13 @@ def compiles(config: Config, device: torch.device) -> bool:
     return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
+def compile_scope(config: Config, device: torch.device) -> str:
+    """What torch.compile covers, for the start line: the whole model, each block (fsdp), or nothing."""
+    if not compiles(config, device):
+        return "off"
+    return "per block (fsdp: the root runs eager)" if config.train.parallel == "fsdp" else "on"
+
+
 def set_numerics(deterministic: bool, device: torch.device) -> None:
     """train.deterministic: kernels that give the same bits on every run (PyTorch's deterministic
     algorithms, cuBLAS's fixed workspace, no cuDNN or memory-efficient attention, whose backward
@@ -311,7 +318,7 @@ class Trainer:
         self.log(f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
                  f"parallel={t.parallel} optimizer={t.optimizer} schedule={t.schedule} "
                  f"dtype={self.dtype_name} backend={distributed.backend_name()} "
-                 f"compile={'on' if compiles(self.config, self.device) else 'off'} "
+                 f"compile={compile_scope(self.config, self.device)} "
                  f"deterministic={'on' if t.deterministic else 'off'}")
         self.log(f"threads: {torch.get_num_threads()} per rank, {self.threads.reason()}")
         metrics.write({**self.threads.record(), "world_size": self.contract.world_size, "parallel": t.parallel,
@@ -455,7 +462,11 @@ def starting_weights(config: Config, log) -> dict | None:
         model = GPT(saved.model)
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise UserInputError(f"train.init_from {path} is damaged or from another version ({str(err)[:160]})") from None
+        raise UserInputError(f"train.init_from {path} is damaged or from another version "
+                             f"({checkpoint.one_line(err, 160)})") from None
+    if bad := checkpoint.first_non_finite(state["model"]):
+        raise UserInputError(f"train.init_from {path} holds NaN or infinite weights ({bad}); start from an earlier "
+                             "checkpoint")
     log(f"starting from the weights of {path} ({saved.model.n_layer} layers x {saved.model.n_embd}, "
         f"{vocabulary_name(state['vocab'])}), with a fresh optimizer and schedule")
     return {"model": model.state_dict(), "vocab": state["vocab"]}

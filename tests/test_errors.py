@@ -90,3 +90,13 @@ def test_help_says_what_each_option_does_and_its_default(command, shown):
     text = " ".join(result.stdout.split())
     for fragment in shown:
         assert fragment in text, (fragment, text)
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--ckpt", "x.pt", "--threads", "100000"],
+    ["quantize", "--ckpt", "x.pt", "--mode", "int8", "--out", "q.pt", "--threads", "100000"],
+    ["quantize", "--ckpt", "x.pt", "--mode", "int8", "--out", "q.pt", "--threads", "0"],
+])
+def test_thread_counts_past_the_cpus_this_process_may_use_are_refused(capsys, args):
+    result = gptcore_here(capsys, *args)
+    assert_one_line_error(result, 2, "--threads")

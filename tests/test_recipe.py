@@ -242,3 +242,28 @@ def test_the_fast_preset_is_the_cpu_shape_with_the_recipe():
     assert fast.train.optimizer == "muon" and fast.train.schedule == "wsd"
     assert fast.train.max_iters < cpu.train.max_iters
     assert math.isfinite(fast.train.muon_lr)
+
+
+def test_checkpoints_with_nan_weights_or_the_wrong_shapes_are_refused_in_one_line(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run}", "train.max_iters=4").returncode == 0
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    state["model"]["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")  # valid checksums, poisoned weights
+    for command in (["sample", "--ckpt", tmp_path / "nan.pt"], ["eval", "--ckpt", tmp_path / "nan.pt"],
+                    ["quantize", "--ckpt", tmp_path / "nan.pt", "--mode", "int8", "--out", tmp_path / "q.pt"],
+                    ["export", "--ckpt", tmp_path / "nan.pt", "--format", "hf", "--out", tmp_path / "hf"]):
+        refused = gptcore_here(capsys, *command)
+        assert_one_line_error(refused, 2, "NaN or infinite weights (transformer.h.1.mlp.c_fc.weight)")
+    assert not (tmp_path / "q.pt").exists() and not (tmp_path / "hf").exists()
+    tuned = run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'tuned'}",
+                        f"train.init_from={tmp_path / 'nan.pt'}")
+    assert_one_line_error(tuned, 2, "NaN or infinite weights")
+    torch.save(state, run / "ckpt.pt")
+    resumed = run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run}", "resume=auto",
+                          "train.max_iters=8")
+    assert_one_line_error(resumed, 2, "NaN or infinite weights")
+    state["model"]["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "shape.pt")
+    wrong = gptcore_here(capsys, "sample", "--ckpt", tmp_path / "shape.pt")
+    assert_one_line_error(wrong, 2, "size mismatch")
