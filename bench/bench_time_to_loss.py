@@ -98,6 +98,79 @@ def run_one(args) -> dict:
             "final_val": curve[-1]["val"], "curve": curve, "threads": torch.get_num_threads()}
 
 
+def newton_schulz_flops(shape: tuple[int, int], steps: int = 5) -> int:
+    """FLOPs of torch.optim.Muon's orthogonalization of one (rows, cols) update: per iteration
+    X X^T (2 m^2 n), b G + c G G (2 m^3) and a X + (..) X (2 m^2 n), with m the shorter side."""
+    m, n = sorted(shape)
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def optimizer_cost(preset: str, rounds: int) -> list[str]:
+    """The optimizer step alone, Muon + AdamW against AdamW, alternating, on the preset's model with
+    gradients in place: what Muon adds per step, and the Newton-Schulz FLOPs behind it."""
+    import torch
+
+    from gptcore.config import load_config
+    from gptcore.model import GPT
+    from gptcore.optim import make_optimizer
+
+    config = load_config(preset, [])
+    config.model.vocab_size = 84
+    model = GPT(config.model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {name: make_optimizer(model, load_config(preset, [f"train.optimizer={name}"]))
+                  for name in ("adamw", "muon")}
+    times = {name: [] for name in optimizers}
+    for round_ in range(rounds):
+        for name in sorted(optimizers, reverse=round_ % 2 == 1):
+            optimizers[name].step()  # warm: state allocated
+            start = time.perf_counter()
+            for _ in range(10):
+                optimizers[name].step()
+            times[name].append((time.perf_counter() - start) / 10 * 1000)
+    flops = sum(newton_schulz_flops(tuple(p.shape)) for p in model.transformer.h.parameters() if p.dim() == 2)
+    adamw, muon = (statistics.median(times[name]) for name in ("adamw", "muon"))
+    return [f"optimizer step on the {preset} model ({torch.get_num_threads()} threads, median of {rounds} rounds "
+            f"of 10): AdamW {adamw:.2f} ms, Muon + AdamW {muon:.2f} ms (+{muon - adamw:.2f} ms); Newton-Schulz "
+            f"{flops / 1e9:.2f} GFLOP per step"]
+
+
+def block_cost(preset: str, rounds: int) -> list[str]:
+    """Forward + backward of one batch of the preset's shape with each block option alone, and
+    with all of the fast preset's, against GPT-2's block, alternating, in this process (bf16
+    autocast where training uses it)."""
+    import torch
+
+    from gptcore.config import load_config
+    from gptcore.model import GPT
+    from gptcore.train import autocast_dtype
+
+    config = load_config(preset, [])
+    options = {"gpt2": [], "rotary": ["model.position=rotary"], "qk_norm": ["model.qk_norm=true"],
+               "rmsnorm": ["model.norm=rmsnorm"], "relu2": ["model.mlp=relu2"], "untied": ["model.tie_head=false"],
+               "fast's": BLOCK + ["model.tie_head=false"]}
+    dtype = autocast_dtype(config, torch.device("cpu"))
+    models = {}
+    for name, extra in options.items():
+        model_config = load_config(preset, extra).model
+        model_config.vocab_size = 84
+        models[name] = GPT(model_config)
+    x = torch.randint(0, 84, (config.train.batch_size, config.model.block_size))
+    times = {name: [] for name in models}
+    for round_ in range(rounds):
+        for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
+            start = time.perf_counter()
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    _, loss = models[name](x, x)
+                loss.backward()
+            times[name].append((time.perf_counter() - start) / 3 * 1000)
+    base = statistics.median(times["gpt2"])
+    return [f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}) | "
+            f"{statistics.median(values) / base:.3f}x |" for name, values in times.items()]
+
+
 def time_to(curve: list[dict], target: float) -> tuple[float, int] | None:
     """(training seconds, steps) at the first evaluation at or below target, or None."""
     hit = next((point for point in curve if point["val"] <= target), None)
@@ -143,28 +216,38 @@ def incomplete_beta(a: float, b: float, x: float) -> float:
     return front * result
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+def mean_std(values: list[float], digits: int = 2) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def arm_hits(arm: str, runs: list[dict], target: float) -> list[tuple[float, int] | None]:
+    """Each run's (training seconds, steps) to the target. The baseline's is its whole run: the
+    target is the loss it reaches at its last step (its seeds' mean), which about half of them
+    pass a little earlier or miss by a little; either way the wait for its result is the run."""
+    if arm == "baseline":
+        return [(run["curve"][-1]["train_s"], run["curve"][-1]["step"]) for run in runs]
+    return [time_to(run["curve"], target) for run in runs]
 
 
 def report(results: dict[str, list[dict]], target: float) -> list[str]:
-    lines = [f"target: validation loss {target:.4f} (full pass over the validation split)", "",
+    lines = [f"target: validation loss {target:.4f} (full pass over the validation split; the baseline's mean "
+             "final loss when it is an arm)", "",
              "| arm | steps run | ms/step | final val | reached | time to target (s) | steps to target | vs baseline |",
              "|---|---|---|---|---|---|---|---|"]
-    base = [time_to(r["curve"], target) for r in results.get("baseline", [])]
-    base_times = [hit[0] for hit in base if hit]
+    base_times = [hit[0] for hit in arm_hits("baseline", results.get("baseline", []), target)]
     for arm, runs in results.items():
-        hits = [time_to(r["curve"], target) for r in runs]
+        hits = arm_hits(arm, runs, target)
         times = [hit[0] for hit in hits if hit]
         steps = [hit[1] for hit in hits if hit]
         ratio = (f"{statistics.mean(times) / statistics.mean(base_times):.1%}"
                  if times and base_times and len(times) == len(runs) else "-")
         lines.append(f"| {arm} | {runs[0]['max_iters']} | {mean_std([r['ms_per_step'] for r in runs])} | "
-                     f"{mean_std([r['final_val'] for r in runs])} | {len(times)}/{len(runs)} | "
-                     f"{mean_std(times) if times else '-'} | {mean_std(steps) if steps else '-'} | {ratio} |")
+                     f"{mean_std([r['final_val'] for r in runs], 4)} | {len(times)}/{len(runs)} | "
+                     f"{mean_std(times) if times else '-'} | {mean_std(steps, 0) if steps else '-'} | {ratio} |")
     lines.append("")
     for arm, runs in results.items():
-        times = [hit[0] for hit in (time_to(r["curve"], target) for r in runs) if hit]
+        times = [hit[0] for hit in arm_hits(arm, runs, target) if hit]
         if arm == "baseline" or len(times) < 2 or len(base_times) < 2 or len(times) < len(runs):
             continue
         t, p = welch(times, base_times)
@@ -189,6 +272,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.0, help="default: the baseline's mean final val loss")
     parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
     parser.add_argument("--json", help="write every run's curve here")
+    parser.add_argument("--optimizer-cost", action="store_true", help="time the optimizer step alone and stop")
+    parser.add_argument("--block-cost", action="store_true", help="time forward + backward per block option and stop")
+    parser.add_argument("--report", metavar="JSON", help="report the runs of an earlier --json again and stop")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
@@ -196,6 +282,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args)))
+        return
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        results = saved["results"]
+        target = args.target or (statistics.mean(r["final_val"] for r in results["baseline"]) if "baseline" in results
+                                 else saved["target"])
+        print("\n".join(report(results, target)))
+        return
+    if args.block_cost:
+        print("| block | forward + backward ms (min-max) | vs GPT-2 |\n|---|---|---|")
+        print("\n".join(block_cost(args.config, rounds=7)))
+        return
+    if args.optimizer_cost:
+        print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
     arms = args.arms.split(",")
     if unknown := [arm for arm in arms if arm not in ARMS]:
