@@ -212,10 +212,12 @@ def is_gptcore_job(job: Job, repo: Path, run_dir: Path | None) -> bool:
 def launch_failure(job: Job, repo: Path) -> str | None:
     """Why a job of one of gptcore's templates never started, and the fix, in one line."""
     template = job.template()
-    if job.state != "FAILED" or template is None or job.elapsed_s > 0:
+    if job.state != "FAILED" or template is None:
         return None
     logs = Path(job.workdir) / "logs"
-    if job.reason != "JobLaunchFailure" and logs.is_dir():
+    # Slurm's JobLaunchFailure says it (the job may still show a second of elapsed time); without
+    # that reason, a job that failed at once where no logs/ exists is the same case.
+    if job.reason != "JobLaunchFailure" and (job.elapsed_s > 0 or logs.is_dir()):
         return None
     return (f"job {job.job_id} ({job.name}) never started: Slurm could not open its log in {logs}/ (submitted from "
             f"{job.workdir}, not the repository); submit from the root: cd {repo} && sbatch slurm/{template}")

@@ -91,5 +91,9 @@ def test_a_job_slurm_could_not_start_says_why_and_how_to_fix_it(tmp_path):
     assert note == (f"job 72 (gptcore-1gpu) never started: Slurm could not open its log in {outside}/logs/ "
                     f"(submitted from {outside}, not the repository); submit from the root: cd /work/main && "
                     "sbatch slurm/train_1gpu.sbatch")
+    # Slurm's clock may give such a job a second of elapsed time: the reason still says it never ran.
+    late = Job("74", "gptcore-1gpu", "FAILED", 1, str(outside), "JobLaunchFailure", "",
+               "sbatch /work/main/slurm/train_1gpu.sbatch")
+    assert launch_failure(late, Path("/work/main")).startswith("job 74 (gptcore-1gpu) never started")
     ran = Job("73", "gptcore-1gpu", "FAILED", 30, "/work/main", "None", "", "sbatch slurm/train_1gpu.sbatch")
     assert launch_failure(ran, Path("/work/main")) is None  # it ran, and failed for its own reasons
