@@ -3,6 +3,7 @@
 # default corpus (Shakespeare's complete works) downloaded, checksummed and tokenized.
 #
 #   bash env/setup.sh
+#   bash env/setup.sh --llama    # also llama-cpp-python, to run exported GGUF files (and their tests)
 #
 # Knobs (environment variables):
 #   GPTCORE_VENV   where the virtual environment goes (default: .venv in the repository);
@@ -20,6 +21,14 @@ VENV="${GPTCORE_VENV:-$ROOT/.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 
 fail() { echo "setup: $*" >&2; exit 1; }
+
+LLAMA=0
+for arg in "$@"; do
+  case "$arg" in
+    --llama) LLAMA=1 ;;
+    *) fail "unknown option $arg; the only option is --llama (see the top of env/setup.sh)" ;;
+  esac
+done
 
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found; install Python 3.10+ (apt-get install python3 python3-venv)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -43,6 +52,15 @@ if [ "$have" != "$want" ]; then
   "$PY" -m pip install -q $TORCH_SPEC || fail "pip install $TORCH_SPEC failed"
 fi
 "$PY" -m pip install -q -e "$ROOT[dev]" || fail "pip install -e $ROOT failed"
+
+if [ "$LLAMA" = 1 ]; then
+  # llama.cpp compiled from llama-cpp-python's source: about 4 minutes on 2 cores the first time
+  # (the library only, without llama.cpp's tools and multimodal part); pip keeps the wheel it
+  # built in its cache, so later set-ups take seconds.
+  echo "setup: building llama-cpp-python (llama.cpp's library; minutes the first time)"
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
+    "$PY" -m pip install -q "llama-cpp-python==0.3.36" || fail "pip install llama-cpp-python failed (it needs a C++ compiler and cmake)"
+fi
 
 "$PY" -m gptcore prepare --data shakespeare || fail "could not prepare the default corpus"
 echo "setup: done. Python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

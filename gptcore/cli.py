@@ -231,13 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="a sharded checkpoint as one file, or a checkpoint as a Hugging Face "
-                                      "directory or a nanoGPT checkpoint")
+                                      "directory, a nanoGPT checkpoint or a GGUF file for llama.cpp")
     p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train or import, or a train.parallel=fsdp "
                                                  "run directory (its newest ckpt-NNNNNNNN/)")
-    p.add_argument("--format", default="gptcore", choices=["gptcore", "hf", "nanogpt"],
-                   help="gptcore (default): a sharded checkpoint as one ckpt.pt file; hf: config.json, "
-                        "model.safetensors and a tokenizer for transformers; nanogpt: ckpt.pt and meta.pkl")
-    p.add_argument("--out", required=True, help="a new file (gptcore) or directory (hf, nanogpt)")
+    p.add_argument("--format", default="gptcore", choices=["gptcore", "hf", "nanogpt", "gguf"],
+                   help="gptcore: a sharded checkpoint as one ckpt.pt file; hf: config.json, "
+                        "model.safetensors and a tokenizer for transformers; nanogpt: ckpt.pt and meta.pkl; "
+                        "gguf: one file for llama.cpp, llama-cpp-python and ollama")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="gguf only: how the weights are stored (default f16; q8_0 and q4_0 as llama.cpp's "
+                        "quantize writes them)")
+    p.add_argument("--out", required=True, help="a new file (gptcore, gguf) or directory (hf, nanogpt)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="a nanoGPT checkpoint as a gptcore one")

@@ -1,10 +1,11 @@
 """Checkpoints in, checkpoints out: `gptcore quantize` writes an int8, int4 or bf16 copy of a
 trained model and measures what it costs and gains, on the same batches and the same device;
-`gptcore export` writes a model for Hugging Face transformers or nanoGPT, `gptcore import` reads
-a nanoGPT one.
+`gptcore export` writes a model for Hugging Face transformers, nanoGPT or llama.cpp (GGUF),
+`gptcore import` reads a nanoGPT one.
 
     gptcore quantize --ckpt runs/cpu/ckpt.pt --mode int8 --out runs/cpu/ckpt_int8.pt
     gptcore export --ckpt runs/cpu/ckpt.pt --format hf --out runs/cpu/hf
+    gptcore export --ckpt runs/cpu/ckpt.pt --format gguf --type q8_0 --out runs/cpu/model-q8_0.gguf
     gptcore export --ckpt runs/fsdp --out runs/fsdp/ckpt_whole.pt   (a sharded checkpoint as one file)
     gptcore import --nanogpt out-shakespeare-char/ckpt.pt --meta data/shakespeare_char/meta.pkl --out ckpt.pt
 
@@ -127,24 +128,38 @@ def quantize_command(args) -> None:
 
 
 def export_command(args) -> None:
-    from gptcore import hf, nanogpt
+    from gptcore import hf, llamacpp, nanogpt
 
+    if args.type is not None and args.format != "gguf":
+        raise UserInputError(f"--type {args.type} is for --format gguf only (the {args.format} format keeps fp32 weights)")
     if args.format == "gptcore":
         return consolidate_command(Path(args.ckpt), Path(args.out))
     raw = open_checkpoint(args.ckpt)
     loaded = load_model(args.ckpt, "cpu", raw)
     if loaded.kind != "fp32":
-        raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export writes full-precision weights only: "
-                             "export the fp32 ckpt.pt it was quantized from")
-    if loaded.tokenizer.vocab == "bytes":
-        raise UserInputError(f"{args.ckpt} has the bytes vocabulary (data.vocab=bytes); export writes character "
-                             "vocabularies only, as nanoGPT's meta.pkl and a character tokenizer")
-    if options := non_gpt2_options(loaded.config.model):
+        raise UserInputError(f"{args.ckpt} is {loaded.kind}-quantized, and export reads full-precision weights only: "
+                             "export the fp32 ckpt.pt it was quantized from (--format gguf --type q8_0|q4_0 "
+                             "quantizes on the way out)")
+    model, vocab = loaded.config.model, loaded.tokenizer.vocab
+    state = {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
+    if args.format == "gguf":
+        kind = args.type or "f16"
+        llamacpp.check_expressible(model, kind, args.ckpt)
+        out = Path(args.out)
+        if out.exists():
+            raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+        llamacpp.write_gguf(out, state, model, vocab, f"gptcore-{Path(loaded.config.out_dir).name}", kind)
+        print(f"wrote {out} (gguf {kind}, {out.stat().st_size / 1e6:.2f} MB, {llamacpp.describe_vocabulary(vocab)}, "
+              f"context {model.block_size}); run it with llama-cli -m {out} -p \"...\" -n 200 -c {model.block_size} "
+              "-no-cnv, or see the README's llama.cpp section")
+        return
+    if vocab == "bytes" and args.format == "nanogpt":
+        raise UserInputError(f"{args.ckpt} has the bytes vocabulary (data.vocab=bytes), which nanoGPT's meta.pkl "
+                             "(one string per token) cannot hold; export it with --format hf or gguf")
+    if options := non_gpt2_options(model):
         raise UserInputError(f"{args.ckpt} is trained with {', '.join(options)}, which the {args.format} format (GPT-2's "
                              "architecture) cannot express; export it with --format gptcore, or train with those "
                              "options at their defaults")
-    state = {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
-    model, vocab = loaded.config.model, loaded.tokenizer.vocab
     if args.format == "hf":
         files = hf.hf_directory(state, model, vocab)
         use = f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and AutoTokenizer.from_pretrained({str(args.out)!r})"

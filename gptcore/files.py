@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from gptcore.errors import UserInputError
 
@@ -22,9 +23,11 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(handle) on a temporary file beside path, fsync it, rename it over path, and
-    fsync the directory, so that path is always either the old file or the whole new one."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside path, for writers that open files by name (the gguf package's):
+    when the block ends, the file is fsynced, renamed over path and the directory fsynced; when it
+    raises, the file is removed and path is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,15 +35,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         # mkstemp creates the file 0600; give it the mode open() would, so shared run and
         # report directories stay readable by the group.
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(handle) on a temporary file beside path, fsync it, rename it over path, and
+    fsync the directory, so that path is always either the old file or the whole new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

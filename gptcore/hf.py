@@ -12,7 +12,8 @@ Conv1D stores its matrices as (in, out), where nn.Linear stores (out, in), and a
 with model.bias=false has no biases, which GPT-2 always has: they are written as zeros, which
 computes the same. The tokenizer is one token per character of our vocabulary with the same ids,
 joined without spaces on decode; characters outside the vocabulary have no token and are dropped
-(gptcore refuses them instead).
+(gptcore refuses them instead). A bytes model (data.vocab=bytes) gets a byte-level tokenizer whose
+ids are the UTF-8 bytes, as ours are.
 """
 
 from __future__ import annotations
@@ -47,30 +48,51 @@ def hf_weights(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
     """Our state dict under GPT-2's layout: Conv1D matrices transposed, zero biases where we
     have none, the tied head left out (transformers ties it back to the token embedding)."""
     weights = {}
-    for name, tensor in state.items():
+    for name, tensor in with_zero_biases(state, model).items():
         if name == "lm_head.weight":
             continue
         tensor = tensor.detach().to(torch.float32)
         weights[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous().clone()
-    if not model.bias:
-        widths = {"ln_1": model.n_embd, "ln_2": model.n_embd, "attn.c_attn": 3 * model.n_embd,
-                  "attn.c_proj": model.n_embd, "mlp.c_fc": 4 * model.n_embd, "mlp.c_proj": model.n_embd}
-        for layer in range(model.n_layer):
-            for part, width in widths.items():
-                weights[f"transformer.h.{layer}.{part}.bias"] = torch.zeros(width)
-        weights["transformer.ln_f.bias"] = torch.zeros(model.n_embd)
     return weights
 
 
-def tokenizer_files(vocab: list[str], block_size: int) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json for a character tokenizer with our ids: a BPE
-    model with no merges splits text into characters, and the Fuse decoder joins tokens as they are."""
+def with_zero_biases(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict with every bias GPT-2's architecture has (and Hugging Face and llama.cpp
+    require): a model trained with model.bias=false gets zeros, which compute the same."""
+    if model.bias:
+        return dict(state)
+    widths = {"ln_1": model.n_embd, "ln_2": model.n_embd, "attn.c_attn": 3 * model.n_embd,
+              "attn.c_proj": model.n_embd, "mlp.c_fc": 4 * model.n_embd, "mlp.c_proj": model.n_embd}
+    biases = {f"transformer.h.{layer}.{part}.bias": torch.zeros(width)
+              for layer in range(model.n_layer) for part, width in widths.items()}
+    return {**state, **biases, "transformer.ln_f.bias": torch.zeros(model.n_embd)}
+
+
+def byte_stand_ins() -> list[str]:
+    """GPT-2's byte-level alphabet: byte b as itself where that is a printable Latin-1 character,
+    else as chr(256 + n) for the n-th byte that is not; tokenizers' ByteLevel steps use this table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def tokenizer_files(vocab: list[str] | str, block_size: int) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json for our ids. Characters: a BPE model with no
+    merges splits text into characters, and the Fuse decoder joins tokens as they are. Bytes
+    (data.vocab=bytes): the ByteLevel steps turn UTF-8 bytes into GPT-2's byte alphabet and back,
+    and the alphabet's n-th character is token n, so the ids are the bytes."""
+    if vocab == "bytes":
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        tokens, pre_tokenizer, decoder = byte_stand_ins(), byte_level, byte_level
+    else:
+        tokens, pre_tokenizer, decoder = vocab, None, {"type": "Fuse"}
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
+        "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {ch: i for i, ch in enumerate(vocab)}, "merges": []},
+                  "vocab": {ch: i for i, ch in enumerate(tokens)}, "merges": []},
     }
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                 "clean_up_tokenization_spaces": False}  # decode must not drop the space before "." or ","
@@ -81,7 +103,7 @@ def json_bytes(tree: dict) -> bytes:
     return (json.dumps(tree, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def hf_directory(state: dict[str, torch.Tensor], model: ModelConfig, vocab: list[str]) -> dict[str, bytes]:
+def hf_directory(state: dict[str, torch.Tensor], model: ModelConfig, vocab: list[str] | str) -> dict[str, bytes]:
     """The files of the Hugging Face directory, by name."""
     from safetensors.torch import save as safetensors_bytes
 
