@@ -12,13 +12,27 @@ time); no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from gptcore.errors import GptcoreError, UserInputError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, once: not where its help already says it, nor for a required
+    option, a flag or an option whose default is nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default is None or action.default is False \
+                or action.default == "" or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,7 +40,7 @@ class ArgumentParser(argparse.ArgumentParser):
     --help shows every option's default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -91,6 +105,12 @@ def cmd_train(args) -> None:
         started = time.monotonic()
         trainer = Trainer(config)
         result = trainer.run()
+        if trainer.is_main and trainer.start_step >= config.train.max_iters:
+            ckpt = trainer.checkpointer.path
+            print(f"{result.out_dir} is complete: its checkpoint is at step {trainer.start_step}/{config.train.max_iters}, "
+                  f"so nothing was trained or sampled; gptcore sample --ckpt {ckpt}, or train on with a larger "
+                  "train.max_iters")
+            return
         finished = result.final_step == config.train.max_iters
         if finished and trainer.is_main and config.train.sample_tokens:
             from gptcore.inference import generate_text, load_model
@@ -117,25 +137,65 @@ def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits
         f"done: {result.final_step} steps in {took}, {best}; checkpoint {ckpt}",
         f"next: gptcore sample --ckpt {ckpt} --prompt \"...\" --tokens 300",
         f"      gptcore quantize --ckpt {ckpt} --mode int8 --out {out / 'ckpt_int8.pt'}",
-        f"      python -m analysis.report {out} --out {out / 'report'}",
+        f"      {interpreter()} -m analysis.report {out} --out {out / 'report'}",
     ])
 
 
+def interpreter() -> str:
+    """This Python as a hint can name it: `.venv/bin/python` from the checkout (the report needs
+    the venv's matplotlib, and the quick start never activates the venv), else its full path."""
+    path = Path(sys.executable)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def cmd_config(args) -> None:
+    from gptcore.config import CHOICES, key_table, load_config
+
+    config = load_config(args.config, args.overrides)
+    rows = key_table(config)
+    width = max(len(key) for key, *_ in rows)
+    print(f"# {'the defaults' if not args.config else args.config}{' + ' + ' '.join(args.overrides) if args.overrides else ''}: "
+          "every key, its type, its value, and what it does; set one with key=value on the train command line")
+    for key, kind, value, note in rows:
+        listed = key not in CHOICES or all(choice in note for choice in CHOICES[key])
+        choices = "" if listed else f" [{' | '.join(CHOICES[key])}]"
+        print(f"{key:<{width}}  {kind:<5}  {value!r:<14}  {note}{choices}".rstrip())
+
+
 def cmd_sample(args) -> None:
+    from dataclasses import replace
+
     import torch
 
-    from gptcore.inference import generate_text, load_model
+    from gptcore.inference import fastest_form, generate_text, in_fp32, load_model
+    from gptcore.quantize import CPU_ONLY_MODES
+    from gptcore.sharded import open_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    loaded = load_model(args.ckpt, args.device)
+    state = open_checkpoint(args.ckpt)
+    loaded = load_model(args.ckpt, args.device, state)
+    if loaded.kind in CPU_ONLY_MODES:
+        if args.weights == "fp32":
+            loaded = in_fp32(loaded, state)
+        elif args.weights == "auto" and not args.no_cache and not args.compile:
+            loaded = fastest_form(loaded, state)
+        else:
+            loaded = replace(loaded, runs_as=f"{loaded.kind} kernels")
     text, speed = generate_text(loaded, args.prompt, args.tokens, args.temperature, args.top_k or None,
                                 seed, use_cache=not args.no_cache, compile=args.compile)
     print(text)
-    print(f"[{args.tokens} tokens at {speed:.1f} tokens/s on {loaded.device}, {loaded.kind}, "
+    kind = f"{loaded.kind} ({loaded.runs_as})" if loaded.runs_as else loaded.kind
+    # The two forms round differently, so a repeat names the one that ran.
+    repeat_form = f" --weights {'fp32' if loaded.runs_as.startswith('weights in fp32') else 'quantized'}" \
+        if loaded.runs_as else ""
+    print(f"[{args.tokens} tokens at {speed:.1f} tokens/s on {loaded.device}, {kind}, "
           f"{'no cache' if args.no_cache else 'KV cache'}{', compiled' if args.compile else ''}; "
-          f"--seed {seed} repeats it]", file=sys.stderr)
+          f"--seed {seed}{repeat_form} repeats it]", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
@@ -170,6 +230,8 @@ def cmd_import(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptcore.config import preset_names
+
     parser = ArgumentParser(prog="gptcore", description="Train, sample, evaluate, quantize and convert a character-level GPT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
@@ -178,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+",
                    help="UTF-8 text files, directories of them, *.jsonl files (a \"text\" field per line) or a "
                         "corpus name (shakespeare)")
-    p.add_argument("--clean", default="none", choices=["none", "seed"])
+    p.add_argument("--clean", default="none", choices=["none", "seed"],
+                   help="none: the text as it is; seed: the original project's cleaning (commas, quotes and hyphens "
+                        "dropped, one '.'-led sentence after another)")
     p.add_argument("--vocab", default="chars", choices=["chars", "bytes"],
                    help="the text's characters, or UTF-8 bytes (256 ids, shared by every text)")
     p.add_argument("--workers", type=at_least(1), default=None,
@@ -187,14 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model: gptcore train --config cpu key=value ...")
-    p.add_argument("--config", default=None, help="preset name (seed, shakespeare_char, cpu, tiny, finetune) or YAML file")
+    presets = ", ".join(preset_names())
+    p.add_argument("--config", default=None, help=f"preset name ({presets}) or YAML file (default: the built-in "
+                                                   "defaults, GPT-2's block at the seed shape)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
     p.set_defaults(func=cmd_train)
 
     device_help = "auto (the GPU if there is one; the CPU for int8/int4), cpu, cuda or cuda:N"
+    p = sub.add_parser("config", help="every config key with its type, value and meaning, for a preset")
+    p.add_argument("--config", default=None, help=f"preset name ({presets}) or YAML file (default: the defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value, as on the train command line")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train or quantize")
-    p.add_argument("--prompt", default="\n", help="text to continue (only characters the model saw)")
+    p.add_argument("--prompt", default="\n", help="text to continue, only characters the model saw (default: a newline)")
     p.add_argument("--tokens", type=at_least(1), default=500, help="characters to generate")
     p.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 picks the likeliest character")
     p.add_argument("--top-k", type=at_least(0), default=200, help="sample among the k likeliest; 0 for all")
@@ -204,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token step (CUDA graphs on a GPU): pays off for long samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--weights", default="auto", choices=["auto", "quantized", "fp32"],
+                   help="int8/int4 files: compute by the quantized kernels, or with the weights dequantized to "
+                        "fp32 at load (faster for small models, whose weights fit in cache); auto times both "
+                        "briefly and takes the faster")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="validation loss and bits per character of a checkpoint")
@@ -267,7 +342,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptcore: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptcore config | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"gptcore: error: {disk_error(err)}", file=sys.stderr)
+        return 1
     return 0
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def disk_error(err: OSError) -> str:
+    """One line for a write the disk refused. Every writer writes a temporary file and renames
+    it, so what was there before is intact and nothing half-written is left."""
+    # The nearest directory that still exists: a writer removes what it created on failure.
+    where = next((p for p in Path(err.filename).parents if p.is_dir()), None) if err.filename else None
+    place = f" in {where}" if where else ""
+    fix = "it is read-only: write elsewhere" if err.errno == errno.EROFS else \
+        "a file size limit (ulimit -f) stopped it: raise it or write elsewhere" if err.errno == errno.EFBIG else \
+        f"free space{place} (df -h {where or '.'}) or write elsewhere"
+    return f"could not write{place} ({err.strerror}); nothing was replaced or left half-written: {fix}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -125,6 +127,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def key_table(config: Config) -> list[tuple[str, str, object, str]]:
+    """Every dotted key as (key, type, its value in `config`, what it does): the help is the
+    comment on the key's line in this file, so the listing and the code cannot drift apart."""
+    rows = []
+    for section in (config, *(getattr(config, f.name) for f in fields(config) if dataclasses.is_dataclass(
+            getattr(config, f.name)))):
+        prefix = "" if section is config else next(f.name for f in fields(config) if getattr(config, f.name) is section)
+        notes = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(type(section)), re.M))
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if not dataclasses.is_dataclass(value):
+                rows.append((f"{prefix}.{f.name}" if prefix else f.name, type(value).__name__, value, notes.get(f.name, "")))
+    return rows
 
 
 CHOICES = {

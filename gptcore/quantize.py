@@ -19,7 +19,7 @@ The file is a plain dict (torch.load weights_only=True) that describes itself: f
 mode, group_size (0 when there are no groups), config, vocab, and "model", the tensors named after
 the fp32 weight they replace (`transformer.h.0.mlp.c_fc.weight.int4` / `.scales` / `.zeros`).
 Loading checks every name, shape and dtype against what quantizing a model of that config gives
-(computed on the meta device, so a header that disagrees with the data is one clear error), and
+(worked out from the model's shapes, so a header that disagrees with the data is one clear error), and
 that no scale, zero or norm is NaN or infinite; bytes damaged on disk fail the CRC-32 check that
 every gptcore checkpoint gets on load (gptcore.checkpoint.damaged_record).
 
@@ -242,12 +242,26 @@ def serialized_size(state: dict) -> int:
     return buffer.tell()
 
 
-def expected_layout(model: ModelConfig, mode: str, group_size: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a checkpoint of this config and mode must hold."""
-    with torch.device("meta"):
-        weights = GPT(model).state_dict()
-        stored = quantize_weights(weights, mode, group_size, model.tie_head)
-    return {name: (tensor.shape, tensor.dtype) for name, tensor in stored.items()}
+def expected_layout(weights: dict[str, torch.Tensor], model: ModelConfig, mode: str,
+                    group_size: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a checkpoint of this config and mode must hold:
+    what quantize_weights stores for the fp32 state dict `weights`, from the shapes alone."""
+    layout = {}
+    for name, tensor in weights.items():
+        if name == TIED_HEAD and model.tie_head:
+            continue
+        shape = tensor.shape
+        if mode == "bf16":
+            layout[name] = (shape, torch.float32 if is_norm(name) else torch.bfloat16)
+        elif tensor.dim() == 2 and (mode == "int8" or name in (*EMBEDDINGS, TIED_HEAD)):
+            layout[name + ".int8"], layout[name + ".scales"] = (shape, torch.int8), (shape[:1], torch.bfloat16)
+        elif tensor.dim() == 2:
+            groups = torch.Size((shape[0], shape[1] // group_size))
+            layout[name + ".int4"] = (torch.Size((shape[0], shape[1] // 2)), torch.uint8)
+            layout[name + ".scales"] = layout[name + ".zeros"] = (groups, torch.bfloat16)
+        else:
+            layout[name] = (shape, torch.float32)
+    return layout
 
 
 def check_header(state: dict, model: ModelConfig) -> tuple[str, int]:
@@ -294,9 +308,10 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
         raise ValueError(f"unknown checkpoint format {shown(state['format'])}")
     mode, group_size = check_header(state, config.model)
     weights = state["model"]
-    check_tensors(weights, expected_layout(config.model, mode, group_size), mode, group_size)
-    with torch.device("meta"):
-        model = GPT(config.model)
+    # Built on the CPU: its size is bounded by the file's (load_model has checked the header
+    # against it), and the meta device's first use costs a second of imports.
+    model = GPT(config.model)
+    check_tensors(weights, expected_layout(model.state_dict(), config.model, mode, group_size), mode, group_size)
     tied = config.model.tie_head
     if mode == "bf16":
         model.load_state_dict({**weights, TIED_HEAD: weights["transformer.wte.weight"]} if tied else weights,
@@ -323,3 +338,25 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
     kept_as_is = {name: tensor for name, tensor in weights.items() if name.endswith((".weight", ".bias"))}
     model.load_state_dict(kept_as_is, strict=False, assign=True)  # the LayerNorms and biases
     return model.eval(), mode
+
+
+def dequantized_model(state: dict, config) -> GPT:
+    """The model of a quantized checkpoint with its weights turned back into fp32 once: the same
+    numbers (no bf16 rounding of activations, even), run by the fp32 kernels. Where the weights
+    fit in cache, decoding is bound by per-call overhead and this runs faster than the int8/int4
+    kernels; where reading the weights bounds it, the kernels win (`inference.fastest_form`)."""
+    weights, fp32 = state["model"], {}
+    for name, tensor in weights.items():
+        if name.endswith(".int8"):
+            fp32[name.removesuffix(".int8")] = dequantize_int8(tensor, weights[name.replace(".int8", ".scales")])
+        elif name.endswith(".int4"):
+            stem = name.removesuffix(".int4")
+            fp32[stem] = dequantize_int4(tensor, weights[f"{stem}.scales"], weights[f"{stem}.zeros"])
+        elif name.endswith((".weight", ".bias")):
+            fp32[name] = tensor.float()
+    if config.model.tie_head:
+        fp32[TIED_HEAD] = fp32["transformer.wte.weight"]
+    model = GPT(config.model)
+    model.load_state_dict(fp32)
+    return model.eval()
+

@@ -1,8 +1,12 @@
 """Configs: presets by name, YAML files, dotted overrides checked against the dataclasses."""
 
+import re
+
 import pytest
 
-from gptcore.config import load_config, preset_names
+from conftest import gptcore_here
+from gptcore.cli import main
+from gptcore.config import key_table, load_config, preset_names
 from gptcore.errors import UserInputError
 
 
@@ -76,3 +80,29 @@ def test_unknown_preset_lists_the_presets():
 def test_nanogpt_names_point_to_ours():
     with pytest.raises(UserInputError, match="did you mean train.grad_accum"):
         load_config("tiny", ["gradient_accumulation_steps=4"])
+
+
+def test_gptcore_config_lists_every_key_with_its_value_and_meaning(capsys):
+    listed = gptcore_here(capsys, "config", "--config", "fast", "train.lr=1e-3")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert set(rows) == {key for key, *_ in key_table(load_config())}
+    assert rows["train.lr"].split()[1:3] == ["float", "0.001"]
+    assert "'muon'" in rows["train.optimizer"] and "Muon on the blocks' matrices" in rows["train.optimizer"]
+    assert "[auto | true | false]" in rows["log.tensorboard"]  # choices its comment does not spell out
+    typo = gptcore_here(capsys, "config", "train.lrr=1")
+    assert typo.returncode == 2 and "did you mean train.lr" in typo.stderr
+
+
+def test_help_names_every_preset_and_says_each_default_once(capsys):
+    for command in ("prepare", "train", "config", "sample", "eval", "quantize", "export", "import"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: )" not in text, command
+        assert not re.search(r"default[^()]*\) \(default:", text), command
+        if command in ("train", "config"):
+            assert all(name in text for name in preset_names()), command
+        if command == "prepare":
+            assert "--clean {none,seed} none: the text as it is" in text
+

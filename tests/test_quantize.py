@@ -76,7 +76,8 @@ def test_sample_and_eval_take_quantized_checkpoints(quantized):
         sampled = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30")
         assert sampled.returncode == 0, sampled.stderr
         assert sampled.stdout.startswith("The king") and len(sampled.stdout) == len("The king") + 30 + len("\n")
-        assert f", {mode}, KV cache" in sampled.stderr
+        # int8 and int4 say which way they ran: their kernels, or their weights in fp32 (fastest_form)
+        assert (f", {mode}, KV cache" if mode == "bf16" else f", {mode} (") in sampled.stderr, sampled.stderr
         evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
         assert evaluated.returncode == 0, evaluated.stderr
         result = json.loads(evaluated.stdout)
@@ -204,3 +205,45 @@ def test_a_bytes_model_quantizes_samples_and_evaluates_from_a_file_outside_its_r
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt")) == ["ckpt.pt"]  # nothing beside it
     refused = gptcore_here(capsys, "quantize", "--ckpt", run / "ckpt.pt", "--mode", "int8", "--out", run / "ckpt.pt")
     assert_one_line_error(refused, 2, "would overwrite the input checkpoint")
+
+
+def test_quantized_weights_in_fp32_compute_what_the_kernels_compute(quantized):
+    """sample may run an int8/int4 file as its weights dequantized to fp32 (faster where they fit in
+    cache): the same numbers, up to the bf16 rounding of activations the kernels do."""
+    from gptcore.inference import fastest_form, load_model
+    from gptcore.quantize import dequantized_model
+    from gptcore.sharded import open_checkpoint
+
+    for mode in ("int8", "int4"):
+        state = open_checkpoint(quantized[mode][0])
+        loaded = load_model(quantized[mode][0], "cpu", state)
+        x = torch.randint(0, loaded.config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            kernels, _ = loaded.model(x, x)
+            fp32, _ = dequantized_model(state, loaded.config)(x, x)
+        torch.testing.assert_close(fp32, kernels, atol=0.05, rtol=0.02)
+        chosen = fastest_form(loaded, state)
+        assert chosen.kind == mode and chosen.runs_as.startswith(("weights in fp32", f"{mode} kernels")), chosen.runs_as
+        in_fp32 = isinstance(chosen.model.transformer.h[0].mlp.c_fc, torch.nn.Linear)
+        assert in_fp32 == chosen.runs_as.startswith("weights in fp32")
+        # Asked for by name, each form is what runs, and the line says how to repeat it.
+        for form, says in (("fp32", "weights in fp32"), ("quantized", f"{mode} kernels")):
+            sampled = run_gptcore("sample", "--ckpt", quantized[mode][0], "--prompt", "The ", "--tokens", "20",
+                                  "--seed", "3", "--weights", form)
+            assert sampled.returncode == 0 and f"{mode} ({says})" in sampled.stderr, sampled.stderr
+            assert f"--seed 3 --weights {form} repeats it" in sampled.stderr
+
+
+
+@pytest.mark.parametrize("preset", ["tiny", "fast"])
+def test_the_expected_layout_is_what_the_quantizer_stores(preset):
+    """The loader checks files against a layout worked out from shapes; it must be the quantizer's."""
+    import dataclasses
+
+    from gptcore.quantize import expected_layout, quantize_weights
+
+    model = dataclasses.replace(load_config(preset).model, vocab_size=65)
+    for mode, group in (("int8", 64), ("int4", 32), ("bf16", 64)):
+        weights = GPT(model).state_dict()
+        stored = quantize_weights(weights, mode, group, model.tie_head)
+        assert expected_layout(weights, model, mode, group) == {name: (t.shape, t.dtype) for name, t in stored.items()}

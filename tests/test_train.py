@@ -1,11 +1,13 @@
 """Training from the command line, as a user runs it: train, resume, sample, eval."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_metrics, run_gptcore, step_losses
+from conftest import REPO, assert_one_line_error, run_metrics, run_gptcore, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,24 @@ def test_an_existing_run_is_not_overwritten(trained):
     result = run_gptcore("train", "--config", "tiny", f"out_dir={run_dir}", f"data.path={run_dir}/data")
     assert_one_line_error(result, 2, "already exists", "resume=auto")
     assert (run_dir / "ckpt.pt").read_bytes() == before
+    # resume=auto on a run that is complete says so, and trains and samples nothing.
+    again = run_gptcore("train", "--config", "tiny", f"out_dir={run_dir}", f"data.path={run_dir}/data", "resume=auto")
+    assert again.returncode == 0, again.stderr
+    last = again.stdout.strip().splitlines()[-1]
+    assert f"{run_dir} is complete" in last and "step 20/20" in last and "nothing was trained or sampled" in last
+    assert "--- sample" not in again.stdout and "done:" not in again.stdout and "step 20/20 | loss" not in again.stdout
+    assert (run_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_the_report_hint_runs_as_printed(trained):
+    """The last hint names the venv's Python, so it runs from the quick start's shell as typed."""
+    run_dir, result = trained
+    hint = result.stdout.strip().splitlines()[-1].split()
+    assert hint[1:3] == ["-m", "analysis.report"]
+    report = subprocess.run([*hint[:-2], "--out", str(run_dir / "report")], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "report" / "report.md").is_file()
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
