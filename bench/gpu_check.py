@@ -47,6 +47,7 @@ import torch  # noqa: E402  (after the sys.path fix, like the gptcore imports)
 
 from analysis.scaling import train_ms  # noqa: E402
 from gptcore import hardware  # noqa: E402
+from gptcore.files import atomic_path, atomic_write_bytes  # noqa: E402
 from gptcore.metrics import read_metrics  # noqa: E402
 from gptcore.profiling import host_syncs_per_step  # noqa: E402
 
@@ -500,9 +501,7 @@ def write_report(report: Path, rows: list[dict], header: str, failures: list[str
     report.mkdir(parents=True, exist_ok=True)
     for name, content in (("gpu_check.md", text), ("gpu_check.json", json.dumps(rows, indent=1)),
                           ("gpu_check.log", "\n".join(failures) + "\n")):
-        tmp = report / f".{name}.tmp"
-        tmp.write_text(content)
-        tmp.replace(report / name)
+        atomic_write_bytes(report / name, content.encode("utf-8"))
     return text
 
 
@@ -526,10 +525,8 @@ def prepare_bundle(data: str | None) -> int:
     if not source.is_file():
         print(f"gpu_check: --data {source} is not a file", file=sys.stderr)
         return 2
-    BUNDLE.mkdir(exist_ok=True)
-    tmp = BUNDLE / ".train.txt.tmp"
-    shutil.copyfile(source, tmp)
-    tmp.replace(BUNDLE_TEXT)
+    with atomic_path(BUNDLE_TEXT) as tmp:
+        shutil.copyfile(source, tmp)
     print(f"gpu_check: {BUNDLE_TEXT} from {source} ({BUNDLE_TEXT.stat().st_size:,} bytes)")
     print(f"gpu_check: now the device call: {DEVICE_CALL}")
     return 0

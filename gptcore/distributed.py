@@ -261,13 +261,15 @@ def lost_peer(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
 
 
-def lost_ranks(err: BaseException, rank: int, kept: str) -> LostRanks:
-    """The one line for a rank whose collective failed because the others went away."""
+def lost_ranks(err: BaseException, rank: int, kept: str, saved: bool) -> LostRanks:
+    """The one line for a rank whose collective failed because the others went away; `kept`
+    says what survives, `saved` whether a checkpoint does (a rerun goes on from it, or starts over)."""
     # gloo's message: "[source file:line] Read error [addr]:port: Connection reset by peer. Advice..."
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+    rerun = "a rerun with resume=auto continues from it" if saved else "a rerun starts from step 0"
     return LostRanks(f"rank {rank} lost the other ranks ({detail}): one of them or its node has died, see their "
-                     f"logs; {kept}, and a rerun with resume=auto continues from it")
+                     f"logs; {kept}, and {rerun}")
 
 
 def is_initialized() -> bool:

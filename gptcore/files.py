@@ -40,10 +40,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise naming(err, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def naming(err: OSError, path: Path) -> OSError:
+    """err with the file it was about: a write through a handle raises without one, and the
+    message for a full disk names where to free space."""
+    return err if err.filename or err.errno is None else type(err)(err.errno, err.strerror, str(path))
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -82,6 +91,9 @@ def write_new_directory(path: Path, files: dict[str, bytes]) -> None:
                 os.fsync(handle.fileno())
         fsync_directory(tmp)
         os.rename(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(err, path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,9 @@ the embeddings and an untied head q8_0, as our int4 keeps them int8).
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +142,12 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], model: ModelConfig, v
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
+        except OSError as err:
+            # numpy's tofile reports a short write without an errno; on a disk that is now full,
+            # that is ENOSPC, and it is said so in one line like every other writer's.
+            if err.errno is None and shutil.disk_usage(path.parent).free < 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
         finally:
             writer.close()
 

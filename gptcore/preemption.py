@@ -11,28 +11,44 @@ ends, its final sample included: a signal then never ends the process with a sig
 (which marks a finished job FAILED and holds back `--dependency=afterok` jobs). The training loop
 looks at the flag after every step; several ranks agree on it in the background
 (distributed.LaggedVote), so all stop at the same step. SIGINT (Ctrl-C) still interrupts at once.
+
+Set-up is where Python's handler may not run at all: the main thread can sit for minutes inside
+C++ (a rendezvous whose launcher has gone, a store that no longer answers), and a Python handler
+runs only between bytecodes. So a thread hears each signal on the interpreter's wakeup fd: when
+the loop has not begun FLAG.grace_s after a stop signal (30 s, or half of train.timeout_s where
+that is less), it ends the process itself, with one line.
+Under torchrun the same thread watches the launcher: a rank whose agent has died (its parent
+changed) stops, at once in set-up, and at an agreed step with a checkpoint in the loop.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 REQUEUEING = ("SIGUSR1", "SIGUSR2")
+GRACE_S = 30.0  # a signalled set-up that has not reached the loop by then is ended (Slurm's KillWait)
+LAUNCHER_GONE = "its launcher's exit"  # FLAG.name when torchrun's agent died under a rank
 SIGNALS = tuple(getattr(signal, name) for name in (*REQUEUEING, "SIGTERM") if hasattr(signal, name))
 
 
 class Flag:
-    """The first stop signal received while a training command runs."""
+    """The first stop signal received while a training command runs, and where the command is:
+    "set-up" until the training loop begins, "loop", then "done" (the final sample)."""
 
     def __init__(self):
         self.name: str | None = None
         self.depth = 0
         self.previous = {}
+        self.phase = "set-up"
+        self.grace_s = GRACE_S
 
     @property
     def raised(self) -> bool:
@@ -53,18 +69,74 @@ FLAG = Flag()
 def catching():
     """Hold the stop signals for the block; nested blocks share the outer one's handlers. The
     previous handlers come back afterwards, so a launcher's own (submitit's requeue) still runs."""
+    guard = None
     if FLAG.depth == 0:
-        FLAG.name = None
+        FLAG.name, FLAG.phase, FLAG.grace_s = None, "set-up", GRACE_S
         FLAG.previous = {sig: signal.signal(sig, FLAG._handle) for sig in SIGNALS}
+        guard = SetUpGuard()
     FLAG.depth += 1
     try:
         yield FLAG
     finally:
         FLAG.depth -= 1
         if FLAG.depth == 0:
+            guard.close()
             for sig, handler in FLAG.previous.items():
                 if handler is not None:
                     signal.signal(sig, handler)
+
+
+class SetUpGuard:
+    """The thread that acts when the main thread cannot (see the module's text)."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        try:
+            self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (a test calling in): Python's handlers only
+            self.previous_fd = None
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        self.launcher = os.getppid() if under_torchrun else None
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="gptcore-signal-guard", daemon=True)
+        if self.previous_fd is not None:
+            self.thread.start()
+
+    def _watch(self) -> None:
+        heard = {int(sig) for sig in (*SIGNALS, signal.SIGINT)}
+        signalled, signalled_at = None, 0.0
+        while not self.closing.is_set():
+            if select.select([self.read_fd], [], [], 1.0)[0]:
+                numbers = [n for n in os.read(self.read_fd, 64) if n in heard]
+                if numbers and signalled is None and FLAG.phase == "set-up":
+                    signalled, signalled_at = signal.Signals(numbers[0]).name, time.monotonic()
+            if self.launcher is not None and os.getppid() != self.launcher and FLAG.phase != "done":
+                FLAG.name = FLAG.name or LAUNCHER_GONE
+                if FLAG.phase == "set-up":
+                    end_set_up(f"its launcher (pid {self.launcher}) has exited")
+                self.launcher = None  # in the loop, the ranks agree on a step to stop at
+            if signalled and FLAG.phase == "set-up" and time.monotonic() - signalled_at > FLAG.grace_s:
+                end_set_up(f"{signalled} arrived, and {FLAG.grace_s:.0f} s later set-up had not reached the "
+                           "training loop")
+
+    def close(self) -> None:
+        self.closing.set()
+        if self.previous_fd is not None:
+            signal.set_wakeup_fd(self.previous_fd)
+            self.thread.join(timeout=2)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def end_set_up(why: str) -> None:
+    """Stop a training command before its loop began: nothing was trained in this session, so
+    there is nothing to save, and the exit is 0 like every stop by a signal."""
+    rank = os.environ.get("RANK", "0")
+    print(f"gptcore: rank {rank} stopped during set-up: {why}; nothing was trained or saved in this session "
+          "(an earlier checkpoint is untouched)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def requeue_slurm_job() -> str | None:

@@ -34,7 +34,7 @@ import numpy as np
 from gptcore.data import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
                           fetch_corpus, file_sha256, read_meta, text_vocabulary, token_dtype)
 from gptcore.errors import UserInputError
-from gptcore.files import atomic_write_bytes, fsync_directory
+from gptcore.files import atomic_write_bytes, fsync_directory, naming
 
 DOCUMENT_END = "\x1e"  # ASCII record separator: ends each document when there are several
 CHUNK_BYTES = 8 * 2**20
@@ -76,6 +76,28 @@ def input_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def file_states(files: list[Path]) -> dict[Path, tuple[int, int]]:
+    """Each input's size and modification time, taken before it is read."""
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in files}
+
+
+def check_unchanged(before: dict[Path, tuple[int, int]]) -> None:
+    """Refuse tokens read from a file that was written, cut or replaced while it was read."""
+    for path, (size, mtime) in before.items():
+        try:
+            now = path.stat()
+        except FileNotFoundError:
+            raise changed_while_read(path, "it was removed") from None
+        if (now.st_size, now.st_mtime_ns) != (size, mtime):
+            raise changed_while_read(path, f"{size:,} -> {now.st_size:,} bytes" if now.st_size != size
+                                     else "its modification time moved")
+
+
+def changed_while_read(path, how: str) -> UserInputError:
+    return UserInputError(f"data file {path} changed while it was read ({how}); nothing was written: prepare it "
+                          "again once nothing writes to it, or prepare a copy")
+
+
 def boundary(handle, offset: int, line_ends: bool) -> int:
     """The first chunk boundary at or after offset: past the next newline for JSON Lines, else
     the start of the next character (UTF-8 continuation bytes are 0b10xxxxxx)."""
@@ -113,6 +135,8 @@ def chunk_text(chunk: Chunk, clean: str, several_documents: bool) -> str:
     with open(chunk.path, "rb") as handle:
         handle.seek(chunk.start)
         payload = handle.read(chunk.end - chunk.start)
+    if len(payload) < chunk.end - chunk.start:
+        raise changed_while_read(chunk.path, f"it ends before byte {chunk.end:,}")
     if (nul := payload.find(b"\x00")) >= 0:
         raise UserInputError(f"data file {chunk.path} looks binary (a NUL byte at offset {chunk.start + nul}); "
                              "pass a UTF-8 text file")
@@ -226,6 +250,7 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
     if clean not in CLEANERS:
         raise UserInputError(f"--clean must be one of {', '.join(CLEANERS)}, got {clean!r}")
     files = input_files(paths)
+    before = file_states(files)
     chunks = plan_chunks(files, chunk_bytes, whole_documents=clean != "none")
     workers = max(1, min(workers or default_workers(), len(chunks)))
     several = len(files) > 1 or any(Path(chunk.path).suffix == ".jsonl" for chunk in chunks)
@@ -250,9 +275,11 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
     split = split_point(total, np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64))
 
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = {name: out_dir / f".{name}.bin.partial" for name in ("train", "val")}
     bar = Progress("pass 2/2 (tokens)", total_bytes, progress)
+    done = False
     try:
         with open(partial["train"], "wb") as train, open(partial["val"], "wb") as val:
             position = 0
@@ -266,18 +293,24 @@ def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab:
             for handle in (train, val):
                 handle.flush()
                 os.fsync(handle.fileno())
+        check_unchanged(before)
         (out_dir / "meta.json").unlink(missing_ok=True)  # never an old meta.json beside new tokens
         for name, path in partial.items():
             os.replace(path, out_dir / f"{name}.bin")
         fsync_directory(out_dir)
+        bar.close()
+        meta = {"vocab": tokenizer.vocab, "vocab_size": vocab_size, "dtype": dtype.name, "train_tokens": split,
+                "val_tokens": total - split, "source": source, "clean": clean, "documents_separated": several,
+                **(note or {})}
+        atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it done
+        done = True
+    except OSError as err:
+        raise naming(err, out_dir / "train.bin") from None
     finally:
         for path in partial.values():
             path.unlink(missing_ok=True)
-    bar.close()
-    meta = {"vocab": tokenizer.vocab, "vocab_size": vocab_size, "dtype": dtype.name, "train_tokens": split,
-            "val_tokens": total - split, "source": source, "clean": clean, "documents_separated": several,
-            **(note or {})}
-    atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))  # last: marks it done
+        if created and not done and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a full disk or a changed input leaves no empty directory behind
     return meta
 
 

@@ -194,6 +194,8 @@ class Trainer:
     def setup(self) -> None:
         config, contract = self.config, self.contract
         t = config.train
+        # A stop signal in set-up ends a set-up stuck in C++ within this bound (preemption.SetUpGuard).
+        preemption.FLAG.grace_s = min(preemption.GRACE_S, t.timeout_s / 2)
         check_sinks(config)
         self.threads = distributed.thread_share(t.threads, t.cpu_ranks, contract)
         torch.set_num_threads(self.threads.count)
@@ -343,8 +345,10 @@ class Trainer:
             except RuntimeError as err:
                 if self.contract.world_size == 1 or not distributed.lost_peer(err):
                     raise
-                kept = self.checkpointer.kept() if hasattr(self, "checkpointer") else "no checkpoint was written"
-                raise distributed.lost_ranks(err, self.contract.rank, kept) from None
+                checkpointer = getattr(self, "checkpointer", None)
+                kept = checkpointer.kept() if checkpointer else "no checkpoint was written"
+                saved = checkpointer is not None and checkpointer.saved_step is not None
+                raise distributed.lost_ranks(err, self.contract.rank, kept, saved) from None
             finally:
                 distributed.shutdown()
                 self.lock.release()
@@ -378,6 +382,7 @@ class Trainer:
 
         # One step late, so that no rank waits on the others at every step boundary.
         preemption_vote = distributed.LaggedVote()
+        preemption.FLAG.phase = "loop"  # a signal from here on stops at an agreed step
         try:
             with profiler.active():
                 while step < end:
@@ -410,6 +415,7 @@ class Trainer:
             with watchdog.longer():
                 self.checkpointer.wait()
         finally:
+            preemption.FLAG.phase = "done"
             watchdog.stop()
             trace.close()
             profiler.dump()

@@ -221,3 +221,15 @@ def test_one_thread_rule_for_every_launcher():
     assert thread_share(0, 4, alone, {}, 16, 16).count == 4
     share = thread_share(0, 4, alone, {}, 16, 16)
     assert (share.source, share.sharing_ranks, share.node_cpus) == ("share", 4, 16)
+
+
+def test_the_lost_ranks_line_promises_a_resume_only_when_a_checkpoint_exists():
+    from gptcore.distributed import lost_ranks
+
+    err = RuntimeError("[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset by peer. "
+                       "Advice: ...")
+    none = str(lost_ranks(err, 1, "no checkpoint was written", saved=False))
+    assert "no checkpoint was written, and a rerun starts from step 0" in none and "continues" not in none
+    assert "Read error [127.0.0.1]:29500: Connection reset by peer" in none
+    kept = str(lost_ranks(err, 1, "runs/x/ckpt.pt (step 200) is kept", saved=True))
+    assert kept.endswith("(step 200) is kept, and a rerun with resume=auto continues from it")

@@ -267,6 +267,51 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_old_one(small_disk, tmp_path, cor
     assert checkpoint.load(run_dir / "ckpt.pt")["step"] == 300 and not list(run_dir.glob(".*.tmp"))
 
 
+def test_every_writer_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk, trained, tmp_path, corpus, capsys):
+    ckpt = trained / "ckpt.pt"
+    nano = tmp_path / "nano"  # a nanoGPT checkpoint to import, written off the small disk
+    assert gptcore_here(capsys, "export", "--ckpt", ckpt, "--format", "nanogpt", "--out", nano).returncode == 0
+    fill(small_disk, leave=4096)
+    for args in (("prepare", "--data", corpus, "--out", small_disk / "prepared"),
+                 ("export", "--ckpt", ckpt, "--format", "hf", "--out", small_disk / "hf"),
+                 ("export", "--ckpt", ckpt, "--format", "nanogpt", "--out", small_disk / "nano"),
+                 ("export", "--ckpt", ckpt, "--format", "gguf", "--type", "f32", "--out", small_disk / "m.gguf"),
+                 ("quantize", "--ckpt", ckpt, "--mode", "int8", "--out", small_disk / "q.pt", "--bench-tokens", "0"),
+                 ("import", "--nanogpt", nano / "ckpt.pt", "--meta", nano / "meta.pkl", "--out", small_disk / "i.pt")):
+        result = gptcore_here(capsys, *args)
+        assert_one_line_error(result, 1, "could not write", f"df -h {small_disk}")
+        assert sorted(os.listdir(small_disk)) == ["filler"], args  # no partial file, no empty directory
+
+
+def test_an_input_cut_while_prepare_reads_it_is_refused(tmp_path):
+    """The probe's case: a large text truncated while prepare reads it. The cut lands the moment a
+    prepare process holds the file open (prepare reads ~100 MB/s here: the watch must be quick)."""
+    import psutil
+
+    text = tmp_path / "big.txt"
+    text.write_bytes(b"To be, or not to be, that is the question.\n" * 1_500_000)  # 66 MB
+    out = tmp_path / "prepared"
+    process = start("prepare", "--data", text, "--out", out)
+    deadline, cut = time.monotonic() + 30, False
+    while not cut and process.poll() is None and time.monotonic() < deadline:
+        try:
+            family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            break
+        for pid in family:
+            try:
+                cut = cut or any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(text) for fd in os.listdir(f"/proc/{pid}/fd"))
+            except OSError:  # the process or the descriptor went away meanwhile
+                continue
+        if cut:
+            os.truncate(text, 1000)
+        time.sleep(0.002)
+    result = finish(process)
+    assert cut, "prepare finished before the text could be cut"
+    assert_one_line_error(result, 2, f"data file {text} changed while it was read", "nothing was written")
+    assert not out.exists()
+
+
 # -- untrusted files ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
