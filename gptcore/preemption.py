@@ -124,6 +124,7 @@ class SetUpGuard:
         self.closing.set()
         if self.previous_fd is not None:
             signal.set_wakeup_fd(self.previous_fd)
+            os.write(self.write_fd, b"\0")  # wakes the thread now (0 is no signal's number)
             self.thread.join(timeout=2)
         os.close(self.read_fd)
         os.close(self.write_fd)
