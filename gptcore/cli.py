@@ -202,6 +202,10 @@ def cmd_eval(args) -> None:
     from gptcore.data import bits_unit
     from gptcore.inference import evaluate, load_model
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.ckpt, args.device)
     result = evaluate(loaded, args.data, args.batches, args.batch_size)
     if args.json:
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     device_help = "auto (the GPU if there is one; the CPU for int8/int4), cpu, cuda or cuda:N"
+    threads_help = "CPU threads; 0 leaves torch's default (every CPU: on a machine another job uses, pass 1)"
+
     p = sub.add_parser("config", help="every config key with its type, value and meaning, for a preset")
     p.add_argument("--config", default=None, help=f"preset name ({presets}) or YAML file (default: the defaults)")
     p.add_argument("overrides", nargs="*", help="key=value, as on the train command line")
@@ -271,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=at_least(0), default=200, help="sample among the k likeliest; 0 for all")
     p.add_argument("--seed", type=at_least(0), default=None, help="repeat a sample (default: a fresh seed, printed)")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--threads", type=thread_count(0), default=0, help="CPU threads; 0 leaves torch's default")
+    p.add_argument("--threads", type=thread_count(0), default=0, help=threads_help)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token step (CUDA graphs on a GPU): pays off for long samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
@@ -287,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=at_least(1), default=20, help="fixed validation batches")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="rows per batch")
     p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--threads", type=thread_count(0), default=0, help=threads_help)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
 

@@ -330,8 +330,14 @@ def prepare(sources: list[str], out_dir: Path | None, clean: str = "none", downl
         if out_dir is None:
             raise UserInputError(f"prepare needs --out DIR for {', '.join(sources)}")
         out_dir = Path(out_dir)
+    if holds := [name for name in RUN_MARKS if (out_dir / name).exists()] + sorted(p.name for p in out_dir.glob("ckpt-*")):
+        raise UserInputError(f"--out {out_dir} is a training run's directory (it holds {', '.join(holds[:3])}); "
+                             f"prepare into a directory of its own, e.g. --out {out_dir / 'data'} (nothing was written)")
     return out_dir, prepare_corpus(paths, out_dir, clean, ByteTokenizer.vocab if vocab == "bytes" else None,
                                    "--vocab bytes", workers)
+
+
+RUN_MARKS = ("ckpt.pt", "config.yaml", "metrics.jsonl")  # what `gptcore train` writes into a run directory
 
 
 def resolve_data(path: str, clean: str, scratch_dir: Path, expected_vocab: list[str] | str | None = None,

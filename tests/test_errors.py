@@ -94,6 +94,7 @@ def test_help_says_what_each_option_does_and_its_default(command, shown):
 
 @pytest.mark.parametrize("args", [
     ["sample", "--ckpt", "x.pt", "--threads", "100000"],
+    ["eval", "--ckpt", "x.pt", "--threads", "100000"],
     ["quantize", "--ckpt", "x.pt", "--mode", "int8", "--out", "q.pt", "--threads", "100000"],
     ["quantize", "--ckpt", "x.pt", "--mode", "int8", "--out", "q.pt", "--threads", "0"],
 ])

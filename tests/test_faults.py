@@ -329,6 +329,13 @@ def rewritten(source: Path, target: Path, change) -> Path:
     return target
 
 
+def test_prepare_into_a_run_directory_is_refused_and_the_run_is_untouched(trained, corpus, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+    refused = gptcore_here(capsys, "prepare", "--data", corpus, "--out", trained)
+    assert_one_line_error(refused, 2, "is a training run's directory", "ckpt.pt", f"--out {trained / 'data'}")
+    assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+
+
 def test_a_checkpoint_cannot_make_eval_or_quantize_read_or_write_where_it_says(trained, tmp_path, capsys):
     secret = tmp_path / "secret.txt"
     secret.write_text("the key to everything\n" * 100)

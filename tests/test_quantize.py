@@ -78,7 +78,7 @@ def test_sample_and_eval_take_quantized_checkpoints(quantized):
         assert sampled.stdout.startswith("The king") and len(sampled.stdout) == len("The king") + 30 + len("\n")
         # int8 and int4 say which way they ran: their kernels, or their weights in fp32 (fastest_form)
         assert (f", {mode}, KV cache" if mode == "bf16" else f", {mode} (") in sampled.stderr, sampled.stderr
-        evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4")
+        evaluated = run_gptcore("eval", "--ckpt", ckpt, "--json", "--batches", "4", "--threads", "1")
         assert evaluated.returncode == 0, evaluated.stderr
         result = json.loads(evaluated.stdout)
         assert result["model"] == mode
