@@ -43,7 +43,7 @@ from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 from shapes import data_path
 
 from gptcore import hardware  # noqa: E402
-from gptcore.inference import fastest_form, load_model, weight_bytes  # noqa: E402
+from gptcore.inference import fastest_form, load_model, timed_generate, weight_bytes  # noqa: E402
 from gptcore.sharded import open_checkpoint  # noqa: E402
 
 SHAPES = ("tiny", "cpu", "shakespeare_char", "seed")
@@ -79,11 +79,9 @@ def make_files(shape: str, work: Path) -> dict[str, Path]:
 
 
 def gptcore_speed(loaded, tokens: int) -> float:
+    """Tokens/s as `sample` times them: after a short warm-up, temperature 0.8, top-k 200."""
     idx = torch.tensor([loaded.tokenizer.encode("\n")], dtype=torch.long)
-    loaded.model.generate(idx, 16, temperature=0.8, top_k=200)  # warm-up
-    start = time.perf_counter()
-    loaded.model.generate(idx, tokens, temperature=0.8, top_k=200)
-    return tokens / (time.perf_counter() - start)
+    return timed_generate(loaded, idx, tokens, 1337, 0.8, 200, True, False)[1]
 
 
 def llama_bench_speed(binary: str, path: Path, tokens: int, threads: int) -> float:

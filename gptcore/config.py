@@ -133,9 +133,9 @@ def key_table(config: Config) -> list[tuple[str, str, object, str]]:
     """Every dotted key as (key, type, its value in `config`, what it does): the help is the
     comment on the key's line in this file, so the listing and the code cannot drift apart."""
     rows = []
-    for section in (config, *(getattr(config, f.name) for f in fields(config) if dataclasses.is_dataclass(
-            getattr(config, f.name)))):
-        prefix = "" if section is config else next(f.name for f in fields(config) if getattr(config, f.name) is section)
+    sections = [("", config), *((f.name, getattr(config, f.name)) for f in fields(config)
+                                if dataclasses.is_dataclass(getattr(config, f.name)))]
+    for prefix, section in sections:
         notes = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(type(section)), re.M))
         for f in fields(section):
             value = getattr(section, f.name)

@@ -145,9 +145,7 @@ def export_command(args) -> None:
     if args.format == "gguf":
         kind = args.type or "f16"
         llamacpp.check_expressible(model, kind, args.ckpt)
-        out = Path(args.out)
-        if out.exists():
-            raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+        out = new_file(Path(args.out))
         llamacpp.write_gguf(out, state, model, vocab, f"gptcore-{Path(loaded.config.out_dir).name}", kind)
         print(f"wrote {out} (gguf {kind}, {out.stat().st_size / 1e6:.2f} MB, {llamacpp.describe_vocabulary(vocab)}, "
               f"context {model.block_size}); run it with llama-cli -m {out} -p \"...\" -n 200 -c {model.block_size} "
@@ -174,9 +172,7 @@ def export_command(args) -> None:
 def import_command(args) -> None:
     from gptcore import nanogpt
 
-    out = Path(args.out)
-    if out.exists():
-        raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+    out = new_file(Path(args.out))
     state, described = nanogpt.import_checkpoint(Path(args.nanogpt), Path(args.meta) if args.meta else None)
     checkpoint.save(state, out)
     print(f"wrote {out} from {args.nanogpt}: {described}")
@@ -188,10 +184,16 @@ def consolidate_command(source: Path, out: Path) -> None:
     if not is_sharded(source):
         raise UserInputError(f"{source} holds no sharded checkpoint: --format gptcore makes one file of a "
                              "train.parallel=fsdp run's ckpt-NNNNNNNN/ (a ckpt.pt already is one)")
-    if out.exists():
-        raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+    new_file(out)
     state = consolidate(source)
     checkpoint.save(state, out)
     print(f"wrote {out}: step {state['step']} of {source}, saved by {state['world_size']} rank(s), as one file")
     print(f"next: gptcore sample --ckpt {out} --prompt \"...\" | gptcore eval --ckpt {out} | "
           f"resume it under train.parallel=ddp as RUN_DIR/ckpt.pt")
+
+
+def new_file(out: Path) -> Path:
+    """--out for a command that writes a new file: an existing one is refused, never replaced."""
+    if out.exists():
+        raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
+    return out

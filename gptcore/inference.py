@@ -36,7 +36,7 @@ class LoadedModel:
     kind: str  # "fp32" or a quantization mode
     device: torch.device
     path: Path | None = None  # the checkpoint file it came from
-    runs_as: str = ""  # how a quantized model computes when not by its own kernels (fastest_form)
+    runs_as: str = ""  # int8/int4 under `sample`: by its kernels or its weights in fp32, and why
 
 
 def resolve_device(choice: str, kind: str) -> torch.device:

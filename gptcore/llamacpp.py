@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptcore.config import ModelConfig
+from gptcore.config import ModelConfig, non_gpt2_options
 from gptcore.errors import UserInputError
 from gptcore.files import atomic_path
 from gptcore.hf import LAYER_NORM_EPS, with_zero_biases
@@ -87,11 +87,8 @@ def check_expressible(model: ModelConfig, kind: str, source: str) -> None:
     """Refuse, in one line, what the file cannot hold, before anything is written."""
     if kind not in TYPES:
         raise UserInputError(f"--type {kind} is not a GGUF type gptcore writes; use one of {', '.join(TYPES)}")
-    options = [f"{key}={value}" for key, value in (
-        ("model.position", model.position), ("model.norm", model.norm), ("model.qk_norm", model.qk_norm),
-        ("model.mlp", model.mlp), ("model.logit_softcap", model.logit_softcap))
-        if value not in ("learned", "layernorm", False, "gelu", 0.0)]
-    if options:
+    # gpt2 has a place for an untied head (output.weight), for no other block option.
+    if options := [option for option in non_gpt2_options(model) if not option.startswith("model.tie_head=")]:
         raise UserInputError(f"{source} is trained with {', '.join(options)}, which llama.cpp's gpt2 architecture "
                              "cannot express; export it with --format gptcore, or train with those options at their "
                              "defaults (model.tie_head=false is fine)")

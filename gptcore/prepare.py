@@ -39,6 +39,7 @@ from gptcore.files import atomic_write_bytes, fsync_directory, naming
 DOCUMENT_END = "\x1e"  # ASCII record separator: ends each document when there are several
 CHUNK_BYTES = 8 * 2**20
 IN_FLIGHT_PER_WORKER = 2
+RUN_MARKS = ("ckpt.pt", "config.yaml", "metrics.jsonl")  # what `gptcore train` writes into a run directory
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def input_files(paths: list[Path]) -> list[Path]:
 
 def file_states(files: list[Path]) -> dict[Path, tuple[int, int]]:
     """Each input's size and modification time, taken before it is read."""
-    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in files}
+    return {path: (stat.st_size, stat.st_mtime_ns) for path in files for stat in [path.stat()]}
 
 
 def check_unchanged(before: dict[Path, tuple[int, int]]) -> None:
@@ -335,9 +336,6 @@ def prepare(sources: list[str], out_dir: Path | None, clean: str = "none", downl
                              f"prepare into a directory of its own, e.g. --out {out_dir / 'data'} (nothing was written)")
     return out_dir, prepare_corpus(paths, out_dir, clean, ByteTokenizer.vocab if vocab == "bytes" else None,
                                    "--vocab bytes", workers)
-
-
-RUN_MARKS = ("ckpt.pt", "config.yaml", "metrics.jsonl")  # what `gptcore train` writes into a run directory
 
 
 def resolve_data(path: str, clean: str, scratch_dir: Path, expected_vocab: list[str] | str | None = None,

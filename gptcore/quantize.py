@@ -359,4 +359,3 @@ def dequantized_model(state: dict, config) -> GPT:
     model = GPT(config.model)
     model.load_state_dict(fp32)
     return model.eval()
-
