@@ -74,7 +74,7 @@ def load_model(ckpt_path: Path, device: str = "auto", state: dict | None = None)
         if not sharded:  # consolidate checked the shards' size
             checkpoint.check_header_fits_file(config, kind, Path(ckpt_path).stat().st_size, Path(ckpt_path))
         if state["format"] == checkpoint.FORMAT:
-            model = GPT(config.model)
+            model = GPT(config.model, init_weights=False)
             model.load_state_dict(state["model"])
             kind = "fp32"
             if bad := checkpoint.first_non_finite(state["model"]):

@@ -181,7 +181,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_weights: bool = True):
+        """init_weights=False leaves torch's default initialization, for a model whose weights are
+        all about to be loaded: GPT-2's is two more passes of random numbers over every weight."""
         super().__init__()
         assert config.vocab_size > 0, "vocab_size comes from the data"
         self.config = config
@@ -196,14 +198,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled down by depth so the residual stream's variance
-        # does not grow with the number of layers; or zero, so that every block starts as the
-        # identity (modded-nanogpt).
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
-                nn.init.normal_(param, mean=0.0, std=std)
+        if init_weights:
+            self.apply(self._init_weights)
+            # GPT-2: residual projections scaled down by depth so the residual stream's variance
+            # does not grow with the number of layers; or zero, so that every block starts as the
+            # identity (modded-nanogpt).
+            for name, param in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+                    nn.init.normal_(param, mean=0.0, std=std)
         self._decode_steps = {}  # compiled one-token steps, by torch.compile mode
         self._kv_cache: KVCache | None = None
 

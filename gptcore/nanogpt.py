@@ -117,7 +117,7 @@ def import_checkpoint(source: Path, meta: Path | None) -> tuple[dict, str]:
     weights = gptcore_weights(state["model"], source)
     vocab = sorted_vocabulary(vocab, weights)
     check_header_fits_file(Config(model=model), "fp32", Path(source).stat().st_size, Path(source))
-    gpt = GPT(model)
+    gpt = GPT(model, init_weights=False)
     try:
         gpt.load_state_dict(weights)
     except RuntimeError as err:

@@ -310,7 +310,7 @@ def model_from_quantized(state: dict, config) -> tuple[GPT, str]:
     weights = state["model"]
     # Built on the CPU: its size is bounded by the file's (load_model has checked the header
     # against it), and the meta device's first use costs a second of imports.
-    model = GPT(config.model)
+    model = GPT(config.model, init_weights=False)
     check_tensors(weights, expected_layout(model.state_dict(), config.model, mode, group_size), mode, group_size)
     tied = config.model.tie_head
     if mode == "bf16":
@@ -356,6 +356,6 @@ def dequantized_model(state: dict, config) -> GPT:
             fp32[name] = tensor.float()
     if config.model.tie_head:
         fp32[TIED_HEAD] = fp32["transformer.wte.weight"]
-    model = GPT(config.model)
+    model = GPT(config.model, init_weights=False)
     model.load_state_dict(fp32)
     return model.eval()

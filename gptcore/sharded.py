@@ -78,7 +78,7 @@ def consolidate(path: Path) -> dict:
     from gptcore.dcp_io import load_shards
 
     try:
-        model = GPT(config.model)
+        model = GPT(config.model, init_weights=False)
         optimizer = make_optimizer(model, config)
         with warnings.catch_warnings():  # DCP warns that one process reads without a process group: it is meant to
             warnings.simplefilter("ignore", UserWarning)

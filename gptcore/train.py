@@ -465,7 +465,7 @@ def starting_weights(config: Config, log) -> dict | None:
     check_header_fits_file(saved, "fp32", path.stat().st_size, path)
     try:
         tokenizer_for(state["vocab"], saved.model.vocab_size)
-        model = GPT(saved.model)
+        model = GPT(saved.model, init_weights=False)
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise UserInputError(f"train.init_from {path} is damaged or from another version "
