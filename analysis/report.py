@@ -31,12 +31,11 @@ from gptcore.cli import ArgumentParser
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.files import atomic_write_bytes
 from gptcore.parallel import STRATEGIES
-from gptcore.sampler import summarize_samples
+from gptcore.sampler import SHARED_NODE_PCT, summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
 MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together
 MIN_SAMPLES = 3  # hardware samples per run, where the sampler ran
-SHARED_NODE_PCT = 10.0  # others' CPU, in % of the node, above which a node counts as shared
 AGREEMENT = 1e-4  # DDP's promise: every size follows the same loss curve within this
 PHASE_LABELS = {
     "data": "data loading",

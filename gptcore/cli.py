@@ -126,6 +126,9 @@ def cmd_train(args) -> None:
         if finished and trainer.is_main:
             print(training_summary(result, trainer.best_val, trainer.checkpointer.path, format_eta(time.monotonic() - started),
                                    bits_unit(trainer.batches.meta["vocab"])))
+            shared = session_load(result.out_dir, trainer.start_step) if config.profile.sampler else None
+            if shared:
+                print(shared)
 
 
 def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits/char") -> str:
@@ -139,6 +142,15 @@ def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits
         f"      gptcore quantize --ckpt {ckpt} --mode int8 --out {out / 'ckpt_int8.pt'}",
         f"      {interpreter()} -m analysis.report {out} --out {out / 'report'}",
     ])
+
+
+def session_load(out_dir: Path, start_step: int) -> str | None:
+    """The line saying what other processes on the node cost this session, if they took a share."""
+    from gptcore.metrics import read_metrics
+    from gptcore.sampler import read_samples, shared_node_cost
+
+    steps = [r for r in read_metrics(out_dir / "metrics.jsonl") if "ms_per_step" in r and r["step"] > start_step]
+    return shared_node_cost(steps, read_samples(out_dir / "samples" / "node0.jsonl"))
 
 
 def interpreter() -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+SHARED_NODE_PCT = 10.0  # others' CPU, in % of the node, above which a node counts as shared
 GPU_QUERY = "index,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu"
 GPU_FIELDS = ("index", "util_pct", "mem_used_mib", "mem_total_mib", "power_w", "temp_c")
 
@@ -232,3 +233,30 @@ def summarize_samples(samples: list[dict]) -> dict:
             "mem_total_mib": max(g["mem_total_mib"] or 0.0 for g in rows),
         } for index, rows in sorted(gpus.items()) if any(g["util_pct"] is not None for g in rows)}
     return summary
+
+
+def shared_node_cost(steps: list[dict], samples: list[dict]) -> str | None:
+    """What other processes on the node cost a training session, as one line; None when they took
+    at most SHARED_NODE_PCT of it. STEPS are the session's logged step records (step, time,
+    ms_per_step), SAMPLES its node's hardware samples. Each logged window is quiet or shared by
+    the samples taken during it; the quiet windows' median ms/step, over every step, is the time
+    the session would have taken alone."""
+    windows, before = [], None
+    for record in steps:
+        if before is not None:
+            during = [s["others_cpu_pct"] for s in samples if before["time"] < s["time"] <= record["time"]]
+            if during:
+                windows.append((record["step"] - before["step"], record["ms_per_step"], statistics.median(during)))
+        before = record
+    others = [s["others_cpu_pct"] for s in samples if steps and steps[0]["time"] < s["time"] <= steps[-1]["time"]]
+    if not windows or statistics.median(others) <= SHARED_NODE_PCT:
+        return None
+    line = (f"shared node: other processes used {statistics.median(others):.0f}% of its CPU while this run trained "
+            f"(median of {len(others)} samples)")
+    quiet = [ms for _, ms, load in windows if load <= SHARED_NODE_PCT]
+    if not quiet:
+        return line + "; no logged window ran without them, so what they cost is not known"
+    took = sum(count * ms for count, ms, _ in windows) / 1000
+    alone = statistics.median(quiet) * sum(count for count, _, _ in windows) / 1000
+    return (line + f": its steps took {took:.0f} s, about {alone:.0f} s at the {statistics.median(quiet):.0f} ms/step "
+            f"of its {len(quiet)} quiet window(s) ({took / alone:.1f}x)")
