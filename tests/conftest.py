@@ -38,6 +38,21 @@ def write_corpus(path: Path, chars: int = 60_000, seed: int = 0) -> Path:
     return path
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` starts one worker per CPU this process may use (its affinity), not per CPU of the node."""
+    return len(os.sched_getaffinity(0))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    """Each module's tests share one worker, so that a module's fixtures (trained models, runs) are
+    built once; the tests of one Slurm cluster share one worker whatever their module
+    (`xdist_group("slurm-...")`), so that they never compete for its nodes."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")

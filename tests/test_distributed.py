@@ -53,6 +53,7 @@ def test_two_ranks_follow_the_one_rank_loss_curve(two_ranks, tmp_path, corpus):
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
 
 
+@pytest.mark.slow
 def test_a_resumed_two_rank_run_with_dropout_is_bit_identical(tmp_path, corpus):
     """Each rank draws its own dropout masks: the checkpoint holds every rank's generator, and
     each rank gets its own back."""

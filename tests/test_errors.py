@@ -59,6 +59,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     assert_error(capsys, 2, "cannot be read", args=["sample", "--ckpt", garbage])
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_and_prompt_outside_vocabulary(tmp_path, corpus):
     """As a user would meet them: real processes on a real, then damaged, checkpoint."""
     run_dir = tmp_path / "run"

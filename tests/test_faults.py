@@ -67,6 +67,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 # -- signals --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_a_rerun_ends_like_a_straight_run(tmp_path, corpus):
     common = [*TINY, f"data.path={corpus}", *LONG]
     straight = tmp_path / "straight"
@@ -101,6 +102,7 @@ def test_a_signal_during_set_up_stops_at_the_first_step_without_a_signal_status(
     assert checkpoint.load(run_dir / "ckpt.pt")["step"] <= 2
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_the_final_sample_does_not_fail_a_finished_run(tmp_path, corpus):
     run_dir = tmp_path / "done"
     process = start("train", "--config", "tiny", "train.device=cpu", f"data.path={corpus}", f"out_dir={run_dir}",
@@ -113,6 +115,7 @@ def test_a_sigterm_during_the_final_sample_does_not_fail_a_finished_run(tmp_path
 
 # -- one run per directory ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_directory_is_refused_and_the_first_is_untouched(tmp_path, corpus):
     run_dir = tmp_path / "busy"
     first = start("train", *TINY, f"data.path={corpus}", f"out_dir={run_dir}", *LONG, "train.max_iters=100000")
@@ -143,6 +146,7 @@ def test_a_fresh_run_moves_an_earlier_runs_files_aside_instead_of_appending(tmp_
     assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_temporary_files_left_by_a_killed_save_are_removed_at_start(tmp_path, corpus):
     run_dir = tmp_path / "killed"
     assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run_dir}", "train.stop_at=10").returncode == 0
@@ -230,6 +234,7 @@ def fill(disk: Path, leave: int) -> None:
                 return
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_a_resume_repairs_the_metrics(small_disk, tmp_path, corpus):
     data = tmp_path / "data"  # the prepared text stays off the small disk
     assert run_gptcore("prepare", "--data", corpus, "--out", data).returncode == 0
@@ -475,6 +480,7 @@ def test_a_rank_environment_that_would_hang_is_one_line_at_once(tmp_path, corpus
 
 # -- a stopped rank --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_rank_stopped_by_sigstop_makes_the_other_say_where_it_waited(tmp_path, corpus):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -32,6 +32,7 @@ def final_val_loss(run_dir) -> float:
     return [r["val_loss"] for r in run_metrics(run_dir) if r.get("eval")][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", ["chars", "bytes"])
 def test_a_pretrained_model_fine_tunes_to_a_lower_loss_than_training_from_scratch(vocab, tmp_path, capsys):
     first = write_corpus(tmp_path / "first.txt", seed=3)

@@ -59,6 +59,7 @@ def runs(tmp_path_factory, corpus):
     return root, logs
 
 
+@pytest.mark.slow
 def test_fsdp_ddp_and_one_rank_follow_one_loss_curve(runs):
     root, logs = runs
     assert "world_size=2 launcher=torchrun device=cpu parallel=fsdp" in logs["fsdp"]
@@ -80,6 +81,7 @@ def test_each_fsdp_rank_holds_half_of_the_state_that_a_ddp_rank_holds(runs):
     assert "memory per rank: parameters" in logs["fsdp"]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_replace_each_other_and_export_as_one_file_that_samples_the_same(runs, tmp_path):
     root, logs = runs
     run_dir = root / "fsdp"
@@ -102,6 +104,7 @@ def test_sharded_checkpoints_replace_each_other_and_export_as_one_file_that_samp
     assert_one_line_error(again, 2, "already exists", "nothing was written")
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_bit_identically_and_on_another_number_of_ranks(runs, tmp_path, corpus):
     root, _ = runs
     straight = losses(root / "fsdp")
@@ -131,6 +134,7 @@ def rank_process(torchrun: subprocess.Popen, rank: int) -> psutil.Process | None
     return None
 
 
+@pytest.mark.slow
 def test_a_checkpoint_killed_mid_write_is_never_loaded(tmp_path, corpus):
     """kill -9 of rank 1 while a checkpoint is being written: the temporary directory never gets
     a checkpoint's name, and the rerun resumes from the one before. A model large enough that a
@@ -174,6 +178,7 @@ class RunsCode:
         return (os.system, ("touch /tmp/gptcore-metadata-ran-code",))
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path):
     root, _ = runs
     # DDP's run directory resumed as fsdp, and an fsdp one as ddp: one line each, nothing written.

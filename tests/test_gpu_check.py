@@ -57,6 +57,7 @@ def device_like_copy(tmp_path, corpus):
     return machine / "repo"
 
 
+@pytest.mark.slow
 def test_the_check_runs_on_a_copy_like_the_device_machines_and_writes_the_table_as_it_goes(tmp_path, corpus):
     repo = device_like_copy(tmp_path, corpus)
     home, report = tmp_path / "home", tmp_path / "OUT"

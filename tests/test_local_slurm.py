@@ -55,9 +55,11 @@ def _cluster_env() -> dict[str, str] | None:
 
 
 ENV = _cluster_env()
-pytestmark = pytest.mark.skipif(
-    ENV is None, reason="no local Slurm cluster (sbatch missing or `env/local_slurm.sh status` not up)"
-)
+# Every test of the one-node cluster runs on one worker (pytest-xdist), so that two never compete for its nodes.
+pytestmark = [
+    pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (sbatch missing or `env/local_slurm.sh status` not up)"),
+    pytest.mark.slow, pytest.mark.xdist_group("slurm-one-node"),
+]
 
 
 def _run(*args: str, timeout: float = 30) -> str:

@@ -31,7 +31,9 @@ def netns_usable() -> bool:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not netns_usable(), reason="needs root and `ip netns` for a multi-node cluster")
+# Every test of the two-node cluster runs on one worker (pytest-xdist), so that two never compete for its nodes.
+pytestmark = [pytest.mark.skipif(not netns_usable(), reason="needs root and `ip netns` for a multi-node cluster"),
+              pytest.mark.slow, pytest.mark.xdist_group("slurm-two-nodes")]
 
 
 @pytest.fixture(scope="module")

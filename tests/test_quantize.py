@@ -71,6 +71,7 @@ def test_report_compares_size_loss_and_speed_on_the_same_batches(quantized):
         assert decode[mode]["weight_bytes"] < decode["fp32"]["weight_bytes"]
 
 
+@pytest.mark.slow
 def test_sample_and_eval_take_quantized_checkpoints(quantized):
     for mode, (ckpt, report) in quantized.items():
         sampled = run_gptcore("sample", "--ckpt", ckpt, "--prompt", "The king", "--tokens", "30")

@@ -134,6 +134,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert adamw | muon == {id(p) for p in model.parameters()} and not adamw & muon
 
 
+@pytest.mark.slow
 def test_a_muon_run_with_every_option_resumes_bit_identically(tmp_path, corpus):
     common = [*TINY, f"data.path={corpus}", "train.max_iters=24", *RECIPE]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -163,6 +164,7 @@ def test_a_muon_run_with_every_option_resumes_bit_identically(tmp_path, corpus):
     # bf16 step, ~lr * 2^-8 = 8e-5 at muon_lr 0.02. Within a world size, resume is bit-identical.
     ("muon", 2e-4),
 ])
+@pytest.mark.slow
 def test_a_two_rank_run_resumes_a_one_rank_checkpoint(optimizer, tolerance, tmp_path, corpus):
     common = [*TINY, f"data.path={corpus}", *RECIPE, f"train.optimizer={optimizer}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -178,6 +180,7 @@ def test_a_two_rank_run_resumes_a_one_rank_checkpoint(optimizer, tolerance, tmp_
     assert set(a) == set(b) and max(abs(a[s] - b[s]) for s in a) < tolerance
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_recipe_checkpoint_keeps_its_options(tmp_path, corpus):
     base = tmp_path / "base"
     assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={base}", *RECIPE).returncode == 0
@@ -188,6 +191,7 @@ def test_fine_tuning_from_a_recipe_checkpoint_keeps_its_options(tmp_path, corpus
     assert saved["position"] == "rotary" and saved["tie_head"] is False and saved["mlp"] == "relu2"
 
 
+@pytest.mark.slow
 def test_fsdp_trains_the_block_options_and_refuses_muon(tmp_path, corpus):
     fsdp = run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'fsdp'}", "train.parallel=fsdp",
                        "train.max_iters=6", *ALL_OVERRIDES)
@@ -244,6 +248,7 @@ def test_the_fast_preset_is_the_cpu_shape_with_the_recipe():
     assert math.isfinite(fast.train.muon_lr)
 
 
+@pytest.mark.slow
 def test_checkpoints_with_nan_weights_or_the_wrong_shapes_are_refused_in_one_line(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run}", "train.max_iters=4").returncode == 0

@@ -18,6 +18,9 @@ import torch
 from conftest import REPO, wait_until
 from gptcore.sharded import open_checkpoint
 
+# Each test sends signals to several ranks at seeded moments: tens of seconds in all.
+pytestmark = pytest.mark.slow
+
 TINY = ["--config", "tiny", "train.device=cpu", "train.sample_tokens=0", "train.max_iters=100000",
         "train.log_interval=10", "train.eval_interval=100000", "train.ckpt_interval=100000", "train.timeout_s=20"]
 

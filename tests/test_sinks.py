@@ -27,6 +27,7 @@ def read_events(log_dir):
     return events
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_continue_across_a_kill_and_a_resume_without_duplicates(corpus, tmp_path):
     pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
@@ -95,6 +96,7 @@ def test_scalars_are_named_once_for_every_sink():
     assert hardware_scalars([]) == {}
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_writes_its_directory_and_a_resume_continues_the_same_run(corpus, tmp_path):
     pytest.importorskip("wandb")
     run_dir = tmp_path / "run"

@@ -20,6 +20,7 @@ def submit(*args, timeout=240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_local_ranks_train_into_a_run_dir_named_after_the_job(tmp_path, corpus):
     result = submit("--config", "tiny", "--gpus", 2, "--executor", "local", "--folder", tmp_path,
                     "--job-name", "test-submit-local", f"data.path={corpus}", "train.sample_tokens=0",
@@ -70,6 +71,7 @@ def test_both_executors_are_asked_for_one_gpu_per_task():
     assert "visible_gpus" not in slurm
 
 
+@pytest.mark.slow
 def test_each_local_rank_takes_its_share_of_the_cores(tmp_path, corpus):
     """submitit's local executor starts every rank with all the machine's cores in view: without
     a rule each would run a thread per core and they would fight over them."""

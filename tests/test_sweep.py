@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_metrics
+from gptcore.sampler import SHARED_NODE_PCT
 from launch.submit import slurm_answers
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
@@ -102,6 +103,7 @@ def test_repeats_interleave_the_sizes(tmp_path):
     assert names == ["sweep-n1-r1", "sweep-n2-r1", "sweep-n1-r2", "sweep-n2-r2"]
 
 
+@pytest.mark.slow
 def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_it(tmp_path, corpus):
     """A CPU-burning process, not the job's, starts when the 2-rank size does and stops with it."""
     out = tmp_path / "sweep"
@@ -125,13 +127,17 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     assert process.returncode == 0, stdout + stderr
     report = json.loads((out / "report" / "report.json").read_text())
     one, two = report["runs"]
-    assert not one["flags"], one["flags"]
-    assert "shared" in [flag["kind"] for flag in two["flags"]] and two["others_cpu_pct"] > 10
+    # The burner is measured as others' load at 2 ranks on top of what else the node ran at both
+    # sizes (nothing, on a quiet machine; another test beside this one, or a busy node).
+    assert two["others_cpu_pct"] > one["others_cpu_pct"] + 10, (one["others_cpu_pct"], two["others_cpu_pct"])
+    for run in (one, two):  # a size is flagged shared exactly when others took over 10% of its node
+        assert ("shared" in [flag["kind"] for flag in run["flags"]]) == (run["others_cpu_pct"] > SHARED_NODE_PCT), run
     text = (out / "report" / "report.md").read_text()
     assert "No conclusion is drawn from these numbers: at 2 rank(s), node shared: other processes used" in text
     assert "lost time goes" not in text and "competed for cores" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="oversubscribes only a machine of 2 cores")
 def test_ranks_asking_for_more_threads_than_the_node_has_cores_are_flagged(tmp_path, corpus):
     out = tmp_path / "sweep"
@@ -144,6 +150,7 @@ def test_ranks_asking_for_more_threads_than_the_node_has_cores_are_flagged(tmp_p
     assert "2 rank(s) x 2 thread(s) on 2 core(s)" in (out / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_gpus):
     out = tmp_path / "sweep"
     result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
@@ -183,6 +190,7 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
     assert not (tmp_path / "none" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_path, corpus):
     out = tmp_path / "sweep"
     result = sweep("--gpus", "1,2,4", "--parallel", "ddp,fsdp", "--config", "tiny", "--executor", "local",
@@ -211,6 +219,7 @@ def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_pat
     assert "DDP never fits" in text and "FSDP from" in text  # the 13B shape does not fit one 80 GB GPU under DDP
 
 
+@pytest.mark.slow
 def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path, corpus):
     out = tmp_path / "sweep"
     process = subprocess.Popen(
@@ -240,7 +249,10 @@ def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path
     assert [row["ranks"] for row in report_rows(out / "report" / "report.md")] == ["1"]
 
 
-slurm = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
+def slurm(test):
+    """Needs the one-node cluster, and runs on the worker that runs its other tests (pytest-xdist)."""
+    skip = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
+    return skip(pytest.mark.xdist_group("slurm-one-node")(test))
 
 
 @slurm
@@ -255,6 +267,7 @@ def test_slurm_refuses_more_gpus_than_the_partition_has_and_plans_the_quantize_c
     assert not out.exists()
 
 
+@pytest.mark.slow
 @slurm
 def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     out = tmp_path / "sweep"

@@ -38,6 +38,7 @@ def test_train_writes_run_dir_progress_and_a_sample(trained):
     assert "gptcore quantize --ckpt" in done[2] and f"python -m analysis.report {run_dir}" in done[3]
 
 
+@pytest.mark.slow
 def test_sample_and_eval_from_the_checkpoint(trained):
     run_dir, _ = trained
     ckpt = run_dir / "ckpt.pt"
@@ -105,6 +106,7 @@ def test_the_report_hint_runs_as_printed(trained):
     assert (run_dir / "report" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     run_dir = tmp_path / "nan"
     common = ["--config", "tiny", f"data.path={corpus}", f"out_dir={run_dir}", "train.sample_tokens=0"]
