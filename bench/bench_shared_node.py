@@ -1,0 +1,88 @@
+"""A training beside another job on the same cores: how OpenMP's wait policy changes the wall time.
+
+    python bench/bench_shared_node.py                                  # tiny, 300 steps, 3 rounds
+    python bench/bench_shared_node.py --train "--config fast train.max_iters=300" --rounds 2
+
+Torch's OpenMP threads (libgomp) spin while they wait for work, by default for about 300,000
+iterations. On a quiet machine that saves a sleep and a wake-up per parallel region; beside
+another job, two spinning processes burn each other's time slices. Each round runs
+`gptcore train` once per wait setting, quiet and then beside a neighbour (a process doing fp32
+matmuls on as many threads as this process may use CPUs, with libgomp's defaults, as another
+user's job would), alternating the order of the settings from round to round. Every run is a
+whole process, timed from start to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from harness import REPO, spread
+
+# The wait settings compared: the environment each training runs with.
+SETTINGS = {
+    "GOMP_SPINCOUNT=300000 (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+NEIGHBOUR = ("import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    y = x @ x\n")
+
+
+def clean_env(extra: dict) -> dict:
+    """This environment with EXTRA as its only wait setting."""
+    env = {key: value for key, value in os.environ.items() if key not in WAIT_VARIABLES}
+    return {**env, **extra}
+
+
+def timed_train(train_args: list[str], extra: dict) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "gptcore", "train", *train_args, f"out_dir={tmp}/run",
+                        "train.sample_tokens=0"], cwd=REPO, env=clean_env(extra), check=True,
+                       stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", default="--config tiny train.max_iters=300", help="gptcore train arguments")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from the names above")
+    args = parser.parse_args()
+    train_args, names = shlex.split(args.train), args.settings.split(",")
+    threads = len(os.sched_getaffinity(0))
+    times = {(name, where): [] for name in names for where in ("quiet", "beside")}
+    for round_ in range(args.rounds):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            times[name, "quiet"].append(timed_train(train_args, SETTINGS[name]))
+            neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={
+                **{k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}, "OMP_NUM_THREADS": str(threads)})
+            try:
+                time.sleep(2)  # its torch import done, its threads at work
+                times[name, "beside"].append(timed_train(train_args, SETTINGS[name]))
+            finally:
+                neighbour.kill()
+                neighbour.wait()
+            print(f"round {round_ + 1}: {name}: quiet {times[name, 'quiet'][-1]:.1f} s, "
+                  f"beside {times[name, 'beside'][-1]:.1f} s", file=sys.stderr, flush=True)
+    base = statistics.median(times[names[0], "quiet"])
+    print(f"`gptcore train {args.train}`, whole process, {args.rounds} rounds; the neighbour: fp32 matmuls on "
+          f"{threads} thread(s)\n")
+    print("| wait setting | quiet s | vs default quiet | beside a job s | beside / quiet |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        quiet, beside = statistics.median(times[name, "quiet"]), statistics.median(times[name, "beside"])
+        print(f"| {name} | {spread(times[name, 'quiet'])} | {quiet / base:.2f}x | {spread(times[name, 'beside'])} | "
+              f"{beside / quiet:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
