@@ -28,10 +28,10 @@ from pathlib import Path
 from analysis import plots, scaling, strategies
 from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
 from gptcore.cli import ArgumentParser
+from gptcore.cluster.parallel import STRATEGIES
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.files import atomic_write_bytes
-from gptcore.parallel import STRATEGIES
-from gptcore.sampler import SHARED_NODE_PCT, summarize_samples
+from gptcore.telemetry.sampler import SHARED_NODE_PCT, summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
 MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together
@@ -531,7 +531,7 @@ def write_report(runs: list[Run], out_dir: Path, warmup_fraction: float = 0.1) -
 def write_tensorboard(runs: list[Run], log_dir: Path) -> None:
     """Every run's metrics (and node 0's hardware samples) as one TensorBoard log directory, a
     subdirectory per run, so that `tensorboard --logdir DIR` overlays the sizes of a sweep."""
-    from gptcore.sinks import replay
+    from gptcore.telemetry.sinks import replay
 
     targets = {run.path: log_dir / run.path.name for run in runs}
     if len(set(targets.values())) < len(targets):

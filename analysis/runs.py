@@ -12,8 +12,8 @@ import yaml
 from analysis.scaling import step_records
 from gptcore.config import Config, config_from_dict
 from gptcore.errors import UserInputError
-from gptcore.sampler import read_samples
-from gptcore.metrics import read_metrics
+from gptcore.telemetry.metrics import read_metrics
+from gptcore.telemetry.sampler import read_samples
 
 
 @dataclass
@@ -72,7 +72,7 @@ def gradient_bytes(config: Config) -> int:
     parameters, hence the gradients, in fp32). The model is built on the meta device: no memory."""
     import torch
 
-    from gptcore.model import GPT
+    from gptcore.models.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(config.model)

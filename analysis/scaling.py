@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from gptcore.profiling import STEP_PHASES
+from gptcore.telemetry.profiling import STEP_PHASES
 
 
 def step_records(records: list[dict]) -> list[dict]:
@@ -125,7 +125,7 @@ LINKS = (
 
 
 def measured_link(probe: dict) -> Link:
-    """The link an all-reduce probe measured (gptcore.distributed.probe_allreduce), as a Link for
+    """The link an all-reduce probe measured (gptcore.cluster.distributed.probe_allreduce), as a Link for
     the projection: its bus bandwidth, and its one-element all-reduce time spread over the ring's
     2(n-1) hops. Assumed to hold at any size, as an inter-node link between identical nodes does."""
     hops = 2 * (probe["world_size"] - 1)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 from analysis import scaling
+from gptcore.cluster.parallel import estimated_memory
 from gptcore.config import Config
-from gptcore.model import parameter_count
-from gptcore.parallel import estimated_memory
+from gptcore.models.gpt import parameter_count
 
 DEVICE_MEMORY_GB = 80  # an A100 / H100 80GB
 PROJECTION_GPUS = (1, 2, 4, 8, 16, 32, 64)

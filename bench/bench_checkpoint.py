@@ -6,7 +6,7 @@
 Variants, timed in turn in every round (rotating which goes first):
   blocking     what the trainer did before: serialize to memory, then write the file (temp file,
                fsync, rename) while every rank waits: the stall is the whole save
-  background   gptcore.checkpoint.Checkpointer: the stall is the copy to host memory; the write
+  background   gptcore.checkpointing.checkpoint.Checkpointer: the stall is the copy to host memory; the write
                goes on in a thread (its duration is reported too, and the next save waits for it)
   verify       checking the CRC-32 of every record on load (torch.save writes them, torch.load does
                not check them), against torch.load itself; and what computing those CRCs costs a
@@ -32,11 +32,11 @@ import torch
 
 from harness import OthersCpu, spread, wait_for_quiet
 
-from gptcore import checkpoint  # noqa: E402
-from gptcore.files import atomic_write_bytes  # noqa: E402
+from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-from gptcore.model import GPT  # noqa: E402
-from gptcore.optim import make_optimizer  # noqa: E402
+from gptcore.files import atomic_write_bytes  # noqa: E402
+from gptcore.models.gpt import GPT  # noqa: E402
+from gptcore.models.optim import make_optimizer  # noqa: E402
 
 
 class Data:  # the data position a checkpoint holds

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from shapes import REPO, data_path, model_overrides
 
-from gptcore.profiling import STEP_PHASES
-from gptcore.metrics import read_metrics
+from gptcore.telemetry.metrics import read_metrics
+from gptcore.telemetry.profiling import STEP_PHASES
 
 # bench_train.py's small shape (~0.8M parameters), 12 x 64 tokens per rank and step by default.
 SHAPE = [*model_overrides("small"), "model.dropout=0.0", "train.scaling=weak"]

@@ -4,7 +4,7 @@
     python bench/bench_decode.py --shape seed --rounds 5 --tokens 300
 
 Random weights at each shape (decode speed does not depend on what was learned), fp32, KV cache,
-temperature 0.8, top-k 200, through gptcore.inference.decode_speed (a 16-token warm-up, then the
+temperature 0.8, top-k 200, through gptcore.inference.generate.decode_speed (a 16-token warm-up, then the
 timed run). Compiling happens once per model before the rounds. Each round times every variant
 in turn, eager and compiled alternating, rotating which goes first, so drifting load from other
 processes falls on all alike; a variant's figure is the median over rounds (min-max beside it),
@@ -23,9 +23,9 @@ import torch
 from harness import OthersCpu, spread, wait_for_quiet
 
 from gptcore.config import load_config  # noqa: E402
-from gptcore.data import CharTokenizer  # noqa: E402
-from gptcore.inference import LoadedModel, decode_speed  # noqa: E402
-from gptcore.model import GPT  # noqa: E402
+from gptcore.data.corpus import CharTokenizer  # noqa: E402
+from gptcore.inference.generate import LoadedModel, decode_speed  # noqa: E402
+from gptcore.models.gpt import GPT  # noqa: E402
 
 SHAPES = {"seed": "seed", "cpu": "cpu"}  # preset whose model shape is timed
 VOCAB = ["\n", *(chr(32 + i) for i in range(64))]

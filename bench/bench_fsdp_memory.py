@@ -5,8 +5,8 @@ the rank's own tensors after a real training step on gloo ranks.
     python bench/bench_fsdp_memory.py --configs large --ranks 1,2 --strategies fsdp
 
 Each (config, strategy, ranks) is one torchrun of N CPU ranks: the preset's model is built,
-made data-parallel by gptcore.parallel.parallelize as training does, given one forward and
-backward on a 16-token batch and one AdamW step, then gptcore.parallel.state_bytes counts what
+made data-parallel by gptcore.cluster.parallel.parallelize as training does, given one forward and
+backward on a 16-token batch and one AdamW step, then gptcore.cluster.parallel.state_bytes counts what
 the rank's tensors hold (its shards under FSDP). The sequence is short so that the step is quick;
 the state does not depend on it. Rank 0's figures are printed (ranks differ by at most a row of
 each sharded tensor).
@@ -31,11 +31,11 @@ def worker(config_name: str, strategy: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from gptcore import distributed
+    from gptcore.cluster import distributed
+    from gptcore.cluster.parallel import parallelize, state_bytes
     from gptcore.config import load_config
-    from gptcore.model import GPT, parameter_count
-    from gptcore.optim import make_optimizer
-    from gptcore.parallel import parallelize, state_bytes
+    from gptcore.models.gpt import GPT, parameter_count
+    from gptcore.models.optim import make_optimizer
 
     torch.set_num_threads(1)
     config = load_config(config_name, [f"train.parallel={strategy}"])

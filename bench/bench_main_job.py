@@ -31,9 +31,9 @@ def full_val_loss(run_dir: Path) -> float:
     """The whole validation split through the run's final checkpoint (in this process, untimed)."""
     import torch
 
-    from gptcore.batches import Batches
-    from gptcore.inference import eval_data, load_model
-    from gptcore.train import autocast_dtype, evaluate_full
+    from gptcore.data.batches import Batches
+    from gptcore.inference.generate import eval_data, load_model
+    from gptcore.training.train import autocast_dtype, evaluate_full
 
     loaded = load_model(run_dir / "ckpt.pt", "cpu")
     with tempfile.TemporaryDirectory() as scratch:  # the run's data: beside it, or its named corpus

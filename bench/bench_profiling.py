@@ -36,8 +36,8 @@ from harness import OthersCpu, wait_for_quiet  # noqa: E402  (puts the checkout 
 
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-from gptcore.metrics import read_metrics  # noqa: E402
-from gptcore.train import Trainer  # noqa: E402
+from gptcore.telemetry.metrics import read_metrics  # noqa: E402
+from gptcore.training.train import Trainer  # noqa: E402
 from shapes import data_path, overrides  # noqa: E402
 
 SHAPES = {  # small: the nanoGPT-comparable shape of bench_train.py; tiny: the test config
@@ -84,7 +84,7 @@ def sample_cost_ms(fake_bin: Path | None, samples: int = 100) -> float:
     """CPU milliseconds one sample takes, this process and its nvidia-smi child together: what
     the sampler takes from training once per interval, measured directly rather than as a
     difference of noisy step times."""
-    from gptcore.sampler import Sampler
+    from gptcore.telemetry.sampler import Sampler
 
     with first_on_path(fake_bin), tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         sampler = Sampler(Path(tmp), node_rank=0)

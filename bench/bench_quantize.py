@@ -38,12 +38,12 @@ from torch.nn import functional as F
 
 from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
 
-from gptcore import checkpoint  # noqa: E402
+from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
-from gptcore.inference import evaluate, load_model  # noqa: E402
-from gptcore.model import GPT  # noqa: E402
-from gptcore.quantize import (  # noqa: E402
+from gptcore.inference.generate import evaluate, load_model  # noqa: E402
+from gptcore.models.gpt import GPT  # noqa: E402
+from gptcore.inference.quantize import (  # noqa: E402
     Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint, model_from_quantized,
     quantized_checkpoint)
 

@@ -42,9 +42,9 @@ import torch
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 from shapes import data_path
 
-from gptcore import hardware  # noqa: E402
-from gptcore.inference import fastest_form, load_model, timed_generate, weight_bytes  # noqa: E402
-from gptcore.sharded import open_checkpoint  # noqa: E402
+from gptcore.checkpointing.sharded import open_checkpoint  # noqa: E402
+from gptcore.inference.generate import fastest_form, load_model, timed_generate, weight_bytes  # noqa: E402
+from gptcore.telemetry import hardware  # noqa: E402
 
 SHAPES = ("tiny", "cpu", "shakespeare_char", "seed")
 GPTCORE_MODES = ("fp32", "bf16", "int8", "int4")

@@ -56,8 +56,8 @@ def run_one(args) -> dict:
     import torch
 
     from gptcore.config import load_config
-    from gptcore.profiling import PhaseTimer
-    from gptcore.train import Trainer, evaluate_full
+    from gptcore.telemetry.profiling import PhaseTimer
+    from gptcore.training.train import Trainer, evaluate_full
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.preset, json.loads(args.overrides) + [
@@ -90,7 +90,7 @@ def run_one(args) -> dict:
                         break
         finally:
             trainer.lock.release()
-            from gptcore import distributed
+            from gptcore.cluster import distributed
             distributed.shutdown()
     return {"preset": args.preset, "overrides": json.loads(args.overrides), "seed": args.seed,
             "max_iters": config.train.max_iters, "warmup_s": round(warmup, 3), "eval_s": round(evaluating, 3),
@@ -111,8 +111,8 @@ def optimizer_cost(preset: str, rounds: int) -> list[str]:
     import torch
 
     from gptcore.config import load_config
-    from gptcore.model import GPT
-    from gptcore.optim import make_optimizer
+    from gptcore.models.gpt import GPT
+    from gptcore.models.optim import make_optimizer
 
     config = load_config(preset, [])
     config.model.vocab_size = 84
@@ -143,8 +143,8 @@ def block_cost(preset: str, rounds: int) -> list[str]:
     import torch
 
     from gptcore.config import load_config
-    from gptcore.model import GPT
-    from gptcore.train import autocast_dtype
+    from gptcore.models.gpt import GPT
+    from gptcore.training.train import autocast_dtype
 
     config = load_config(preset, [])
     options = {"gpt2": [], "rotary": ["model.position=rotary"], "qk_norm": ["model.qk_norm=true"],

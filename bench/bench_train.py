@@ -22,9 +22,9 @@ import torch
 
 from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
 
-from gptcore.metrics import read_metrics  # noqa: E402
-from gptcore.train import Trainer  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
+from gptcore.telemetry.metrics import read_metrics  # noqa: E402
+from gptcore.training.train import Trainer  # noqa: E402
 from shapes import SHAPES, data_path, overrides  # noqa: E402
 
 

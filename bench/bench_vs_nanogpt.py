@@ -27,7 +27,7 @@ from pathlib import Path
 
 from shapes import REPO, SHAPES, overrides
 
-from gptcore.metrics import read_metrics
+from gptcore.telemetry.metrics import read_metrics
 
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)
 

@@ -46,10 +46,10 @@ from harness import REPO, steady_median
 import torch  # noqa: E402  (after the sys.path fix, like the gptcore imports)
 
 from analysis.scaling import train_ms  # noqa: E402
-from gptcore import hardware  # noqa: E402
 from gptcore.files import atomic_path, atomic_write_bytes  # noqa: E402
-from gptcore.metrics import read_metrics  # noqa: E402
-from gptcore.profiling import host_syncs_per_step  # noqa: E402
+from gptcore.telemetry import hardware  # noqa: E402
+from gptcore.telemetry.metrics import read_metrics  # noqa: E402
+from gptcore.telemetry.profiling import host_syncs_per_step  # noqa: E402
 
 BUNDLE = REPO / "gpu_bundle"  # what the device call carries (git ignores it): the training text
 BUNDLE_TEXT = BUNDLE / "train.txt"
@@ -131,7 +131,7 @@ def trace_facts(trace_path: Path) -> tuple[str, float]:
 # -- sections -------------------------------------------------------------------------------------
 
 def section_env(check: Check) -> None:
-    from gptcore.sampler import describe_gpu, query_gpus
+    from gptcore.telemetry.sampler import describe_gpu, query_gpus
 
     check.row("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     check.row("device", hardware.device_name(torch.device(check.device)))
@@ -269,10 +269,10 @@ def section_inference(check: Check) -> None:
 
 def section_decode(check: Check) -> None:
     from gptcore.config import load_config
-    from gptcore.data import CharTokenizer
-    from gptcore.inference import LoadedModel, decode_speed
-    from gptcore.model import GPT
-    from gptcore.quantize import model_from_quantized, quantized_checkpoint
+    from gptcore.data.corpus import CharTokenizer
+    from gptcore.inference.generate import LoadedModel, decode_speed
+    from gptcore.inference.quantize import model_from_quantized, quantized_checkpoint
+    from gptcore.models.gpt import GPT
 
     config = load_config(check.seed[1], [])
     config.model.vocab_size, config.model.dropout = 65, 0.0
@@ -310,10 +310,10 @@ def section_decode(check: Check) -> None:
 def section_checkpoint(check: Check) -> None:
     """The seed model with AdamW's state, saved as training saves it: the loop waits for the copy to
     host memory only; the write (temp file, fsync, rename) goes on in a thread."""
-    from gptcore import checkpoint
+    from gptcore.checkpointing import checkpoint
     from gptcore.config import load_config
-    from gptcore.model import GPT
-    from gptcore.optim import make_optimizer
+    from gptcore.models.gpt import GPT
+    from gptcore.models.optim import make_optimizer
 
     config = load_config(check.seed[1], ["model.dropout=0.0"])
     config.model.vocab_size = 65
@@ -514,7 +514,7 @@ def prepare_bundle(data: str | None) -> int:
     elif TINY_SHAKESPEARE.is_file():
         source = TINY_SHAKESPEARE
     else:
-        from gptcore.data import fetch_corpus
+        from gptcore.data.corpus import fetch_corpus
         from gptcore.errors import UserInputError
 
         try:

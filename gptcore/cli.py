@@ -83,15 +83,15 @@ def non_negative_number(text: str) -> float:
 
 
 def cmd_prepare(args) -> None:
-    from gptcore.data import describe
-    from gptcore.prepare import prepare
+    from gptcore.data.corpus import describe
+    from gptcore.data.prepare import prepare
 
     out_dir, meta = prepare(args.data, args.out, args.clean, vocab=args.vocab, workers=args.workers)
     print(f"prepared {out_dir}: {describe(meta)}")
 
 
 def cmd_train(args) -> None:
-    from gptcore import preemption
+    from gptcore.cluster import preemption
 
     # From the start to the end of the sample, a scheduler's signal stops training at a step
     # boundary and never ends the process with a signal status.
@@ -99,8 +99,8 @@ def cmd_train(args) -> None:
         from gptcore.config import load_config
 
         config = load_config(args.config, args.overrides)  # before torch is imported: a typo fails at once
-        from gptcore.data import bits_unit
-        from gptcore.train import Trainer, format_eta
+        from gptcore.data.corpus import bits_unit
+        from gptcore.training.train import Trainer, format_eta
 
         started = time.monotonic()
         trainer = Trainer(config)
@@ -113,14 +113,14 @@ def cmd_train(args) -> None:
             return
         finished = result.final_step == config.train.max_iters
         if finished and trainer.is_main and config.train.sample_tokens:
-            from gptcore.inference import generate_text, load_model
+            from gptcore.inference.generate import generate_text, load_model
 
             loaded = load_model(trainer.checkpointer.path, str(trainer.device))
             text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
             print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
             print(text.strip("\n"))
             print("---")
-            from gptcore.sinks import add_sample_text
+            from gptcore.telemetry.sinks import add_sample_text
 
             add_sample_text(config, result.out_dir, result.final_step, text)
         if finished and trainer.is_main:
@@ -146,8 +146,8 @@ def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits
 
 def session_load(out_dir: Path, start_step: int) -> str | None:
     """The line saying what other processes on the node cost this session, if they took a share."""
-    from gptcore.metrics import read_metrics
-    from gptcore.sampler import read_samples, shared_node_cost
+    from gptcore.telemetry.metrics import read_metrics
+    from gptcore.telemetry.sampler import read_samples, shared_node_cost
 
     steps = [r for r in read_metrics(out_dir / "metrics.jsonl") if "ms_per_step" in r and r["step"] > start_step]
     return shared_node_cost(steps, read_samples(out_dir / "samples" / "node0.jsonl"))
@@ -182,9 +182,9 @@ def cmd_sample(args) -> None:
 
     import torch
 
-    from gptcore.inference import fastest_form, generate_text, in_fp32, load_model
-    from gptcore.quantize import CPU_ONLY_MODES
-    from gptcore.sharded import open_checkpoint
+    from gptcore.checkpointing.sharded import open_checkpoint
+    from gptcore.inference.generate import fastest_form, generate_text, in_fp32, load_model
+    from gptcore.inference.quantize import CPU_ONLY_MODES
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,8 +211,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from gptcore.data import bits_unit
-    from gptcore.inference import evaluate, load_model
+    from gptcore.data.corpus import bits_unit
+    from gptcore.inference.generate import evaluate, load_model
 
     if args.threads:
         import torch
@@ -228,19 +228,19 @@ def cmd_eval(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from gptcore.convert import quantize_command
+    from gptcore.formats.convert import quantize_command
 
     quantize_command(args)
 
 
 def cmd_export(args) -> None:
-    from gptcore.convert import export_command
+    from gptcore.formats.convert import export_command
 
     export_command(args)
 
 
 def cmd_import(args) -> None:
-    from gptcore.convert import import_command
+    from gptcore.formats.convert import import_command
 
     import_command(args)
 

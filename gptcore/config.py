@@ -82,7 +82,7 @@ class TrainConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3); false: keep (ZeRO-2)
     activation_checkpointing: bool = False  # recompute each block's activations in backward, for memory
     single_rank_group: bool = False  # one rank still forms a process group and wraps DDP (measures DDP's cost)
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/hardware.py)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the card up (gptcore/telemetry/hardware.py)
     init_from: str = ""  # start from this fp32 checkpoint's weights (fresh optimizer and schedule): fine-tuning
     threads: int = 0  # torch intra-op threads per rank; 0: OMP_NUM_THREADS, else the rank's share of the CPUs
     cpu_ranks: int = 0  # share the CPUs as if this many ranks ran on the node (a sweep: its largest size)

@@ -58,8 +58,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.runs = runs
 
     def __call__(self) -> str:
-        from gptcore import preemption
-        from gptcore.train import Trainer
+        from gptcore.cluster import preemption
+        from gptcore.training.train import Trainer
 
         job_env = submitit.JobEnvironment()
         # overwrite: a job submitted from inside another job inherits that job's RANK etc.

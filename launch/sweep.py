@@ -108,7 +108,7 @@ class Planned:
 
 def parse_strategies(text: str) -> list[str]:
     """'ddp,fsdp' -> ['ddp', 'fsdp']: known strategies, each once, in the given order."""
-    from gptcore.parallel import STRATEGIES
+    from gptcore.cluster.parallel import STRATEGIES
 
     names = [part.strip() for part in text.split(",")]
     if unknown := [name for name in names if name not in STRATEGIES]:

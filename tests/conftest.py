@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcore.metrics import read_metrics
+from gptcore.telemetry.metrics import read_metrics
 
 # The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
 torch.set_num_threads(1)

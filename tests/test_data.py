@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.batches import Batches, Shard
-from gptcore.data import ByteTokenizer, CharTokenizer, clean_seed
-from gptcore.prepare import prepare, prepare_corpus
+from gptcore.data.batches import Batches, Shard
+from gptcore.data.corpus import ByteTokenizer, CharTokenizer, clean_seed
+from gptcore.data.prepare import prepare, prepare_corpus
 from gptcore.errors import UserInputError
 
 PARAGRAPH = (

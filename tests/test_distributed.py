@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_metrics
-from gptcore.checkpoint import gather_rng_states, restore_rng_state
+from gptcore.checkpointing.checkpoint import gather_rng_states, restore_rng_state
+from gptcore.cluster.distributed import RankContract, preflight, read_contract, thread_share
 from gptcore.config import load_config
-from gptcore.distributed import RankContract, preflight, read_contract, thread_share
-from gptcore.errors import UserInputError
 from gptcore.config import batch_split
+from gptcore.errors import UserInputError
 
 # 20 steps on the CPU (gloo) even on a GPU machine, a loss logged at every one of them.
 TINY = ["--config", "tiny", "train.device=cpu", "train.log_interval=1", "train.sample_tokens=0"]
@@ -90,7 +90,7 @@ def test_each_rank_restores_its_own_generator_and_a_new_rank_keeps_its_seed():
 
 VOTE_SCRIPT = """
 import sys
-from gptcore import distributed
+from gptcore.cluster import distributed
 contract = distributed.read_contract()
 distributed.init_process_group(contract, distributed.choose_device(contract), 60)
 vote = distributed.LaggedVote()
@@ -225,7 +225,7 @@ def test_one_thread_rule_for_every_launcher():
 
 
 def test_the_lost_ranks_line_promises_a_resume_only_when_a_checkpoint_exists():
-    from gptcore.distributed import lost_ranks
+    from gptcore.cluster.distributed import lost_ranks
 
     err = RuntimeError("[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset by peer. "
                        "Advice: ...")

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, run_metrics, step_losses, wait_until
-from gptcore import checkpoint
-from gptcore.metrics import read_metrics
+from gptcore.checkpointing import checkpoint
+from gptcore.telemetry.metrics import read_metrics
 
 TINY = ["--config", "tiny", "train.device=cpu", "train.sample_tokens=0"]
 # Long enough (~5 s) for a signal or a second run to land mid-way; a log line every 25 steps.

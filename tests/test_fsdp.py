@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_gptcore, run_metrics
-from gptcore.sharded import newest
+from gptcore.checkpointing.sharded import newest
 
 # 20 steps of 2 micro-batches each, a loss logged at every step; no dropout, so that runs on
 # different numbers of ranks draw the same numbers.

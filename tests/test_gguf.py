@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, gptcore_here, run_gptcore
-from gptcore.inference import load_model
+from gptcore.inference.generate import load_model
 
 BLOCK = 64
 PROMPT = "The king"

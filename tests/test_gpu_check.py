@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from gptcore.metrics import read_metrics
-from gptcore.model import GPT
 from gptcore.config import ModelConfig
-from gptcore.profiling import STEP_SPAN, host_syncs_per_step
-from gptcore.sampler import describe_gpu, parse_nvidia_smi
+from gptcore.models.gpt import GPT
+from gptcore.telemetry.metrics import read_metrics
+from gptcore.telemetry.profiling import STEP_SPAN, host_syncs_per_step
+from gptcore.telemetry.sampler import describe_gpu, parse_nvidia_smi
 
 sys.path.insert(0, str(REPO / "bench"))
 from gpu_check import QUICK_SECTIONS, SECTIONS, run_in_own_group  # noqa: E402
@@ -177,8 +177,8 @@ def test_nvidia_smi_fields_it_cannot_read_are_unknown_not_a_crash():
 def test_fsdp_compiles_each_block_and_leaves_the_root_eager():
     import torch.distributed as dist
 
-    from gptcore import distributed
-    from gptcore.parallel import parallelize
+    from gptcore.cluster import distributed
+    from gptcore.cluster.parallel import parallelize
 
     distributed.init_process_group(distributed.RankContract(), torch.device("cpu"), 60, single_rank=True)
     try:

@@ -4,10 +4,10 @@ rank or a command is allowed to run on."""
 import pytest
 import torch
 
-from gptcore.distributed import cuda_index
+from gptcore.cluster.distributed import cuda_index
 from gptcore.errors import UserInputError
-from gptcore.hardware import CARDS, mfu, peak_tflops
-from gptcore.inference import resolve_device
+from gptcore.inference.generate import resolve_device
+from gptcore.telemetry.hardware import CARDS, mfu, peak_tflops
 
 
 @pytest.mark.parametrize("name, dtype, tf32, peak", [

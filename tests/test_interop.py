@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, gptcore_here, run_gptcore
-from gptcore.inference import generate_text, load_model
-from gptcore.model import GPT
+from gptcore.inference.generate import generate_text, load_model
+from gptcore.models.gpt import GPT
 
 BATCH = 4
 BLOCK = 64
@@ -71,7 +71,7 @@ def test_biases_and_dropout_carry_over_to_hugging_face(tmp_path):
     """A model with biases (GPT-2's own layout) exports its biases, and its dropout."""
     transformers = pytest.importorskip("transformers")
     from gptcore.config import ModelConfig
-    from gptcore.hf import hf_directory
+    from gptcore.formats.hf import hf_directory
 
     config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, dropout=0.1, bias=True, vocab_size=40)
     torch.manual_seed(0)

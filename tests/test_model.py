@@ -4,7 +4,7 @@ recomputation."""
 import torch
 
 from gptcore.config import ModelConfig
-from gptcore.model import GPT, KVCache, parameter_count
+from gptcore.models.gpt import GPT, KVCache, parameter_count
 
 
 def tiny_model(block_size=16, seed=0) -> GPT:

@@ -103,8 +103,8 @@ def rank_hosts(log: str) -> dict[int, str]:
 
 def checkpoint_step(run_dir: Path) -> int:
     """The step of a run's checkpoint: its ckpt.pt, or its newest sharded one (train.parallel=fsdp)."""
-    from gptcore.checkpoint import load
-    from gptcore.sharded import newest, read_run
+    from gptcore.checkpointing.checkpoint import load
+    from gptcore.checkpointing.sharded import newest, read_run
     return load(run_dir / "ckpt.pt")["step"] if (run_dir / "ckpt.pt").exists() else read_run(newest(run_dir))["step"]
 
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 
 from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, write_corpus
-from gptcore.data import CharTokenizer, read_meta
-from gptcore.prepare import DOCUMENT_END, prepare_corpus
+from gptcore.data.corpus import CharTokenizer, read_meta
+from gptcore.data.prepare import DOCUMENT_END, prepare_corpus
 
 
 def reference(documents: list[str], several: bool) -> tuple[list[str], np.ndarray, int]:

@@ -83,7 +83,7 @@ def test_the_sampler_measures_the_load_other_processes_put_on_the_node(tmp_path)
     """A process of known CPU use beside the sampler: the sampler counts it as others' load, and
     counts nothing of its own process. Whatever else runs on the node meanwhile (another test, a
     busy machine) is measured over the same seconds and may only add to others' load."""
-    from gptcore.sampler import Sampler, read_samples
+    from gptcore.telemetry.sampler import Sampler, read_samples
 
     # Started through a shell that exits at once, so it is not a child of this process (a rank's
     # children count as the rank's own load).
@@ -108,7 +108,7 @@ def test_the_sampler_measures_the_load_other_processes_put_on_the_node(tmp_path)
 def test_the_cost_of_a_shared_node_is_its_time_against_its_quiet_windows():
     """Windows of 10 steps, one logged each second: the first two quiet at 100 ms/step, the
     next three beside another job at 300 ms/step; two samples a window."""
-    from gptcore.sampler import shared_node_cost
+    from gptcore.telemetry.sampler import shared_node_cost
 
     steps = [{"step": 10 * k, "time": float(k), "ms_per_step": 100.0 if k <= 2 else 300.0} for k in range(6)]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, gptcore_here, run_gptcore
-from gptcore.checkpoint import save
+from gptcore.checkpointing.checkpoint import save
 from gptcore.config import load_config
-from gptcore.model import GPT
-from gptcore.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint,
+from gptcore.models.gpt import GPT
+from gptcore.inference.quantize import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint,
                               model_from_quantized, quantize_int4, quantize_int8, quantized_checkpoint,
                               serialized_size)
 
@@ -211,9 +211,9 @@ def test_a_bytes_model_quantizes_samples_and_evaluates_from_a_file_outside_its_r
 def test_quantized_weights_in_fp32_compute_what_the_kernels_compute(quantized):
     """sample may run an int8/int4 file as its weights dequantized to fp32 (faster where they fit in
     cache): the same numbers, up to the bf16 rounding of activations the kernels do."""
-    from gptcore.inference import fastest_form, load_model
-    from gptcore.quantize import dequantized_model
-    from gptcore.sharded import open_checkpoint
+    from gptcore.checkpointing.sharded import open_checkpoint
+    from gptcore.inference.generate import fastest_form, load_model
+    from gptcore.inference.quantize import dequantized_model
 
     for mode in ("int8", "int4"):
         state = open_checkpoint(quantized[mode][0])
@@ -241,7 +241,7 @@ def test_the_expected_layout_is_what_the_quantizer_stores(preset):
     """The loader checks files against a layout worked out from shapes; it must be the quantizer's."""
     import dataclasses
 
-    from gptcore.quantize import expected_layout, quantize_weights
+    from gptcore.inference.quantize import expected_layout, quantize_weights
 
     model = dataclasses.replace(load_config(preset).model, vocab_size=65)
     for mode, group in (("int8", 64), ("int4", 32), ("bf16", 64)):

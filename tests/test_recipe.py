@@ -12,9 +12,9 @@ import torch
 
 from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, step_losses
 from gptcore.config import ModelConfig, TrainConfig, load_config
-from gptcore.model import GPT, parameter_count
-from gptcore.optim import MuonAdamW, lr_factor, make_optimizer
-from gptcore.quantize import model_from_quantized, quantized_checkpoint
+from gptcore.inference.quantize import model_from_quantized, quantized_checkpoint
+from gptcore.models.gpt import GPT, parameter_count
+from gptcore.models.optim import MuonAdamW, lr_factor, make_optimizer
 
 # Each block option alone at a value away from GPT-2's, and all of them together.
 OPTIONS = {

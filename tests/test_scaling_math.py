@@ -8,9 +8,9 @@ import statistics
 
 from analysis import scaling
 from analysis.report import compare, limits_paragraph
-from gptcore.distributed import bus_bandwidth_gbps
+from gptcore.cluster.distributed import bus_bandwidth_gbps
 from gptcore.errors import UserInputError
-from gptcore.sampler import parse_nvidia_smi, visible_gpus
+from gptcore.telemetry.sampler import parse_nvidia_smi, visible_gpus
 from launch.submit import failure_line
 from launch.sweep import check_capacity, gres_gpus, parse_sizes, run_name
 
@@ -223,9 +223,9 @@ def test_ddp_and_fsdp_bytes_per_step_follow_the_standard_formulas():
 
 
 def test_the_memory_estimate_shards_the_state_under_fsdp_and_not_the_activations():
+    from gptcore.cluster.parallel import estimated_memory
     from gptcore.config import ModelConfig
-    from gptcore.model import parameter_count
-    from gptcore.parallel import estimated_memory
+    from gptcore.models.gpt import parameter_count
 
     model = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=96)
     ddp_state, ddp_activations = estimated_memory(model, 8, "ddp", 8)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, wait_until
-from gptcore.sharded import open_checkpoint
+from gptcore.checkpointing.sharded import open_checkpoint
 
 # Each test sends signals to several ranks at seeded moments: tens of seconds in all.
 pytestmark = pytest.mark.slow

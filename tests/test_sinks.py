@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, run_metrics, wait_until
-from gptcore.sinks import hardware_scalars, scalars_of
+from gptcore.telemetry.sinks import hardware_scalars, scalars_of
 
 LOGGED = ["train/loss", "train/lr", "perf/ms_per_step", "perf/tokens_per_s", "phases/data_ms", "phases/forward_ms",
           "phases/backward_ms", "phases/optimizer_ms"]

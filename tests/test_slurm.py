@@ -17,7 +17,7 @@ import yaml
 import torch
 
 from conftest import REPO, job_info, run_metrics, sacct, slurm_command, wait_until, wait_until_ended
-from gptcore.checkpoint import load
+from gptcore.checkpointing.checkpoint import load
 
 
 def local_cluster_env() -> dict | None:

@@ -119,7 +119,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpu
 
 def test_the_default_corpus_trains_without_a_path(tmp_path):
     """data.path's default, the corpus env/setup.sh downloads: no file of the user's needed."""
-    from gptcore.data import corpus_dir, read_meta
+    from gptcore.data.corpus import corpus_dir, read_meta
 
     result = run_gptcore("train", "--config", "tiny", "train.device=cpu", f"out_dir={tmp_path / 't'}")
     assert result.returncode == 0, result.stderr

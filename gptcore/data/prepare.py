@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.data import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
+from gptcore.data.corpus import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
                           fetch_corpus, file_sha256, read_meta, text_vocabulary, token_dtype)
 from gptcore.errors import UserInputError
 from gptcore.files import atomic_write_bytes, fsync_directory, naming

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from gptcore import checkpoint
+from gptcore.checkpointing import checkpoint
+from gptcore.checkpointing.checkpoint import check_header_fits_file
 from gptcore.config import Config, ModelConfig, config_from_dict
 from gptcore.errors import UserInputError, shown
-from gptcore.checkpoint import check_header_fits_file
-from gptcore.model import GPT
+from gptcore.models.gpt import GPT
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 COMPILED_PREFIX = "_orig_mod."

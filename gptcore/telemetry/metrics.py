@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from gptcore.files import atomic_write_bytes
 from gptcore.errors import TrainingFailure, UserInputError
+from gptcore.files import atomic_write_bytes
 
 _told = set()  # files whose cut-off last line was already reported
 

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from gptcore import distributed
+from gptcore.cluster import distributed
 from gptcore.config import ModelConfig
-from gptcore.model import parameter_count
+from gptcore.models.gpt import parameter_count
 
 STRATEGIES = ("ddp", "fsdp")
 

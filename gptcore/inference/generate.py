@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from gptcore import checkpoint, hardware
+from gptcore.checkpointing import checkpoint
+from gptcore.checkpointing.sharded import checkpoint_directory, is_sharded, open_checkpoint
 from gptcore.config import config_from_dict
-from gptcore.batches import Batches
-from gptcore.data import CORPORA, ByteTokenizer, CharTokenizer, tokenizer_for
-from gptcore.prepare import resolve_data
+from gptcore.data.batches import Batches
+from gptcore.data.corpus import CORPORA, ByteTokenizer, CharTokenizer, tokenizer_for
+from gptcore.data.prepare import resolve_data
 from gptcore.errors import UserInputError
-from gptcore.model import GPT
-from gptcore.quantize import CPU_ONLY_MODES, dequantized_model, model_from_quantized
-from gptcore.sharded import checkpoint_directory, is_sharded, open_checkpoint
+from gptcore.inference.quantize import CPU_ONLY_MODES, dequantized_model, model_from_quantized
+from gptcore.models.gpt import GPT
+from gptcore.telemetry import hardware
 
 DECODE_WARMUP_TOKENS = 16  # first kernels, allocator, torch.compile and CUDA-graph capture
 PROBE_TOKENS, PROBE_ROUNDS = 8, 3  # fastest_form: short bursts per form, alternating

@@ -10,7 +10,7 @@ A directory without its final name is never read: a rank killed mid-write leaves
 checkpoint in place. On load, DCP reads whatever parts of the saved shards this rank's shards
 cover, so 2 ranks' checkpoint resumes on 1 or 4.
 
-DCP's metadata is a pickle; gptcore/dcp_io.py reads it with an unpickler that builds DCP's own
+DCP's metadata is a pickle; gptcore/checkpointing/dcp_io.py reads it with an unpickler that builds DCP's own
 record types and nothing else, so a checkpoint cannot run code (the shards themselves load with
 weights_only). This module finds checkpoints and describes runs without importing DCP.
 """
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from gptcore import checkpoint, distributed
+from gptcore.checkpointing import checkpoint
+from gptcore.cluster import distributed
 from gptcore.config import Config, config_from_dict
 from gptcore.errors import TrainingFailure, UserInputError
 from gptcore.files import fsync_directory
-from gptcore.model import GPT
-from gptcore.optim import make_optimizer
+from gptcore.models.gpt import GPT
+from gptcore.models.optim import make_optimizer
 
 FORMAT = "gptcore-sharded-checkpoint"
 RUN_FILE = "run.pt"
@@ -75,7 +76,7 @@ def consolidate(path: Path) -> dict:
     # A header may not describe a model larger than its shards (refused before anything is built).
     shards = sum(part.stat().st_size for part in directory.glob("*.distcp"))
     checkpoint.check_header_fits_file(config, "fp32", shards, directory)
-    from gptcore.dcp_io import load_shards
+    from gptcore.checkpointing.dcp_io import load_shards
 
     try:
         model = GPT(config.model, init_weights=False)
@@ -118,7 +119,7 @@ class ShardedCheckpointer:
         return "no checkpoint was written" if self.saved_step is None else f"{self.path} (step {self.saved_step}) is kept"
 
     def restore(self, state: dict, model: torch.nn.Module, optimizer, data) -> tuple[int, float]:
-        from gptcore.dcp_io import load_shards
+        from gptcore.checkpointing.dcp_io import load_shards
 
         try:
             step, best = int(state["step"]), float(state["best_val_loss"])
@@ -147,7 +148,7 @@ class ShardedCheckpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True)
         distributed.barrier()
-        from gptcore.dcp_io import WRITE_ERRORS, save_shards
+        from gptcore.checkpointing.dcp_io import WRITE_ERRORS, save_shards
 
         try:
             save_shards(partial, model, optimizer)

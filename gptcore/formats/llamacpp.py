@@ -34,7 +34,7 @@ import torch
 from gptcore.config import ModelConfig, non_gpt2_options
 from gptcore.errors import UserInputError
 from gptcore.files import atomic_path
-from gptcore.hf import LAYER_NORM_EPS, with_zero_biases
+from gptcore.formats.hf import LAYER_NORM_EPS, with_zero_biases
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # weights per scale in q8_0 and q4_0, along each row

@@ -1,8 +1,8 @@
 """Text and its tokens: cleaning, the vocabularies (characters, bytes), the named corpora, and
 what a prepared directory says of itself.
 
-A prepared directory (gptcore/prepare.py writes it) holds train.bin and val.bin (token ids, a
-90/10 split, read through a memmap at train time, gptcore/batches.py) and meta.json (the
+A prepared directory (gptcore/data/prepare.py writes it) holds train.bin and val.bin (token ids, a
+90/10 split, read through a memmap at train time, gptcore/data/batches.py) and meta.json (the
 vocabulary and where the text came from).
 """
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from gptcore import checkpoint
+from gptcore.checkpointing import checkpoint
+from gptcore.checkpointing.sharded import consolidate, is_sharded, open_checkpoint, size_on_disk
 from gptcore.config import non_gpt2_options
-from gptcore.files import atomic_write_bytes, write_new_directory
 from gptcore.errors import UserInputError
-from gptcore.inference import decode_speed, eval_data, evaluate, load_model, resolve_device
-from gptcore.sharded import consolidate, is_sharded, open_checkpoint, size_on_disk
-from gptcore.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
+from gptcore.files import atomic_write_bytes, write_new_directory
+from gptcore.inference.generate import decode_speed, eval_data, evaluate, load_model, resolve_device
+from gptcore.inference.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
 
 DEFAULT_GROUP_SIZE = 64
 
@@ -128,7 +128,7 @@ def quantize_command(args) -> None:
 
 
 def export_command(args) -> None:
-    from gptcore import hf, llamacpp, nanogpt
+    from gptcore.formats import hf, llamacpp, nanogpt
 
     if args.type is not None and args.format != "gguf":
         raise UserInputError(f"--type {args.type} is for --format gguf only (the {args.format} format keeps fp32 weights)")
@@ -170,7 +170,7 @@ def export_command(args) -> None:
 
 
 def import_command(args) -> None:
-    from gptcore import nanogpt
+    from gptcore.formats import nanogpt
 
     out = new_file(Path(args.out))
     state, described = nanogpt.import_checkpoint(Path(args.nanogpt), Path(args.meta) if args.meta else None)

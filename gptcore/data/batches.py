@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptcore.data import read_meta
+from gptcore.data.corpus import read_meta
 from gptcore.errors import UserInputError
 
 

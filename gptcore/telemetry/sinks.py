@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from gptcore import distributed
-from gptcore.files import atomic_write_bytes
+from gptcore.cluster import distributed
 from gptcore.config import Config
 from gptcore.errors import GptcoreError, TrainingFailure, UserInputError
-from gptcore.metrics import MetricsLog, read_metrics
-from gptcore.sampler import summarize_samples
+from gptcore.files import atomic_write_bytes
+from gptcore.telemetry.metrics import MetricsLog, read_metrics
+from gptcore.telemetry.sampler import summarize_samples
 
 TENSORBOARD_DIR = "tb"
 WANDB_ID_FILE = "wandb_run_id"

@@ -21,7 +21,7 @@ the fp32 weight they replace (`transformer.h.0.mlp.c_fc.weight.int4` / `.scales`
 Loading checks every name, shape and dtype against what quantizing a model of that config gives
 (worked out from the model's shapes, so a header that disagrees with the data is one clear error), and
 that no scale, zero or norm is NaN or infinite; bytes damaged on disk fail the CRC-32 check that
-every gptcore checkpoint gets on load (gptcore.checkpoint.damaged_record).
+every gptcore checkpoint gets on load (gptcore.checkpointing.checkpoint.damaged_record).
 
 Kernels, chosen by measurement (bench/bench_quantize.py --variants: batch-1 decode with the KV
 cache at the seed shape, 200 new tokens, 1 thread, 2-core AVX-512 AMD EPYC VM, torch 2.13.0+cpu;
@@ -45,11 +45,11 @@ import io
 import torch
 import torch.nn as nn
 
-from gptcore import checkpoint
+from gptcore.checkpointing import checkpoint
 from gptcore.config import ModelConfig, config_from_dict
-from gptcore.data import tokenizer_for
+from gptcore.data.corpus import tokenizer_for
 from gptcore.errors import UserInputError, shown
-from gptcore.model import GPT
+from gptcore.models.gpt import GPT
 
 FORMAT = "gptcore-quantized"
 FORMAT_VERSION = 2  # 2: bf16 files keep their LayerNorms in fp32
@@ -113,7 +113,7 @@ def quantize_weights(weights: dict[str, torch.Tensor], mode: str, group_size: in
             continue
         tensor = tensor.float()
         if mode == "bf16":
-            # The norms stay fp32 (a few KB): gptcore.model.LayerNorm computes in fp32 anyway.
+            # The norms stay fp32 (a few KB): gptcore.models.gpt.LayerNorm computes in fp32 anyway.
             out[name] = tensor if is_norm(name) else tensor.to(torch.bfloat16)
         elif tensor.dim() == 2 and (mode == "int8" or name in (*EMBEDDINGS, TIED_HEAD)):
             out[name + ".int8"], out[name + ".scales"] = quantize_int8(tensor)

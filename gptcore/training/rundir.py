@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from gptcore.files import atomic_write_bytes
 from gptcore.errors import UserInputError
+from gptcore.files import atomic_write_bytes
 
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"  # who holds the lock, written atomically beside it (the lock file's inode must stay)

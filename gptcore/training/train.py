@@ -22,22 +22,24 @@ from pathlib import Path
 import psutil
 import torch
 
-from gptcore import checkpoint, distributed, hardware, preemption
-from gptcore.parallel import describe_memory, estimated_memory, local, parallelize, peak_memory, state_bytes
+from gptcore.checkpointing import checkpoint
+from gptcore.checkpointing.checkpoint import check_header_fits_file
+from gptcore.checkpointing.sharded import checkpointer_for
+from gptcore.cluster import distributed, preemption
+from gptcore.cluster.parallel import describe_memory, estimated_memory, local, parallelize, peak_memory, state_bytes
+from gptcore.cluster.preemption import requeue_slurm_job
+from gptcore.cluster.watchdog import Watchdog
 from gptcore.config import ARCHITECTURE_KEYS, Config, batch_split, config_from_dict, resume_conflicts, write_yaml
-from gptcore.batches import Batches, Shard
-from gptcore.data import bits_unit, describe, tokenizer_for, vocabulary_name
-from gptcore.prepare import resolve_data
+from gptcore.data.batches import Batches, Shard
+from gptcore.data.corpus import bits_unit, describe, tokenizer_for, vocabulary_name
+from gptcore.data.prepare import resolve_data
 from gptcore.errors import TrainingFailure, UserInputError, shown
-from gptcore.checkpoint import check_header_fits_file
-from gptcore.model import GPT, parameter_count
-from gptcore.optim import lr_factor, make_optimizer, set_lr
-from gptcore.preemption import requeue_slurm_job
-from gptcore.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
-from gptcore.rundir import RunLock, claim, move_aside
-from gptcore.sharded import checkpointer_for
-from gptcore.sinks import RunLog, check_sinks, open_run_log
-from gptcore.watchdog import Watchdog
+from gptcore.models.gpt import GPT, parameter_count
+from gptcore.models.optim import lr_factor, make_optimizer, set_lr
+from gptcore.telemetry import hardware
+from gptcore.telemetry.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
+from gptcore.telemetry.sinks import RunLog, check_sinks, open_run_log
+from gptcore.training.rundir import RunLock, claim, move_aside
 
 # What a run writes into its directory besides its checkpoints; a fresh run moves an earlier one's aside.
 EARLIER_RUN_FILES = ("metrics.jsonl", "config.yaml", "samples", "profile", "hang", "tb", "wandb", "wandb_run_id")
@@ -482,7 +484,7 @@ def start_sampler(config: Config, out_dir: Path, contract: distributed.RankContr
     """One hardware sampler per node: the node's first local rank runs it."""
     if not config.profile.sampler or contract.local_rank != 0:
         return None
-    from gptcore.sampler import Sampler
+    from gptcore.telemetry.sampler import Sampler
 
     return Sampler(out_dir / "samples", node_rank=contract.rank, interval=config.profile.sampler_interval,
                    world_size=contract.world_size).start()

@@ -1,0 +1,1 @@
+"""The model: GPT (GPT-2's block and the block options) and the optimizers of its parameters."""
