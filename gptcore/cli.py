@@ -47,8 +47,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserInputError(f"{message} (see {self.prog} --help)")
 
 
-def at_least(lowest: int):
-    """An argparse type: an integer no smaller than `lowest`, refused in one line otherwise."""
+def at_least(lowest: int, most: int | None = None, why: str = ""):
+    """An argparse type: an integer from `lowest` to `most` (WHY it stops there), refused in one
+    line otherwise."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -56,8 +57,21 @@ def at_least(lowest: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < lowest:
             raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,} ({why}), got {value:,}")
         return value
     return parse
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Upper bounds of the numeric flags: what a command holds in memory grows with them.
+MAX_TOKENS = 10_000_000  # sample: the generated ids and text are held in memory
+MAX_ROWS = 4096  # eval/quantize --batch-size: one batch's logits are rows x block x vocabulary floats
+MAX_BATCHES = 1_000_000
+MAX_SEED = 2**64 - 1  # torch.Generator's seed is 64 bits
 
 
 def thread_count(lowest: int):
@@ -65,7 +79,7 @@ def thread_count(lowest: int):
     threads than CPUs only contend, and a huge count makes OpenMP fail allocating their stacks)."""
     def parse(text: str) -> int:
         value = at_least(lowest)(text)
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        usable = usable_cpus()
         if value > usable:
             raise argparse.ArgumentTypeError(f"{value} is more than the {usable} CPU(s) this process may use")
         return value
@@ -261,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, one '.'-led sentence after another)")
     p.add_argument("--vocab", default="chars", choices=["chars", "bytes"],
                    help="the text's characters, or UTF-8 bytes (256 ids, shared by every text)")
-    p.add_argument("--workers", type=at_least(1), default=None,
+    p.add_argument("--workers", type=at_least(1, 4 * usable_cpus(), "four per CPU this process may use: more only "
+                                                                 "contend"), default=None,
                    help="processes that read and tokenize (default: every CPU this job may use)")
     p.add_argument("--out", default=None, help="output directory (default for a corpus: the data home)")
     p.set_defaults(func=cmd_prepare)
@@ -284,10 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train or quantize")
     p.add_argument("--prompt", default="\n", help="text to continue, only characters the model saw (default: a newline)")
-    p.add_argument("--tokens", type=at_least(1), default=500, help="characters to generate")
+    p.add_argument("--tokens", type=at_least(1, MAX_TOKENS, "held in memory"), default=500, help="characters to generate")
     p.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 picks the likeliest character")
     p.add_argument("--top-k", type=at_least(0), default=200, help="sample among the k likeliest; 0 for all")
-    p.add_argument("--seed", type=at_least(0), default=None, help="repeat a sample (default: a fresh seed, printed)")
+    p.add_argument("--seed", type=at_least(0, MAX_SEED, "a 64-bit seed"), default=None,
+                   help="repeat a sample (default: a fresh seed, printed)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--threads", type=thread_count(0), default=0, help=threads_help)
     p.add_argument("--compile", action="store_true",
@@ -302,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and bits per character of a checkpoint")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train or quantize")
     p.add_argument("--data", default=None, help="text file, prepared directory or corpus (default: the training data)")
-    p.add_argument("--batches", type=at_least(1), default=20, help="fixed validation batches")
-    p.add_argument("--batch-size", type=at_least(1), default=16, help="rows per batch")
+    p.add_argument("--batches", type=at_least(1, MAX_BATCHES, "more only repeats the validation split"), default=20,
+                   help="fixed validation batches")
+    p.add_argument("--batch-size", type=at_least(1, MAX_ROWS, "a batch's logits are held in memory"), default=16,
+                   help="rows per batch")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--threads", type=thread_count(0), default=0, help=threads_help)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -312,14 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint")
     p.add_argument("--ckpt", required=True, help="an fp32 ckpt.pt written by train")
     p.add_argument("--mode", required=True, choices=["int8", "int4", "bf16"])
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=at_least(1), default=None,
                    help="int4: weights per scale along the input (default 64, or 32 where 64 does not "
                         "divide n_embd)")
     p.add_argument("--out", required=True, help="quantized checkpoint; the report goes beside it as .json")
     p.add_argument("--data", default=None, help="text to evaluate on (default: the training data)")
-    p.add_argument("--eval-batches", type=int, default=20, help="fixed val batches for the loss report; 0 skips")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per evaluation batch")
-    p.add_argument("--bench-tokens", type=int, default=200, help="new tokens for the decode speed; 0 skips")
+    p.add_argument("--eval-batches", type=at_least(0, MAX_BATCHES, "more only repeats the validation split"),
+                   default=20, help="fixed val batches for the loss report; 0 skips")
+    p.add_argument("--batch-size", type=at_least(1, MAX_ROWS, "a batch's logits are held in memory"), default=16,
+                   help="rows per evaluation batch")
+    p.add_argument("--bench-tokens", type=at_least(0, MAX_TOKENS, "held in memory"), default=200,
+                   help="new tokens for the decode speed; 0 skips")
     p.add_argument("--threads", type=thread_count(1), default=1, help="CPU threads for the decode speed")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_quantize)

@@ -102,3 +102,4 @@ def test_help_says_what_each_option_does_and_its_default(command, shown):
 def test_thread_counts_past_the_cpus_this_process_may_use_are_refused(capsys, args):
     result = gptcore_here(capsys, *args)
     assert_one_line_error(result, 2, "--threads")
+

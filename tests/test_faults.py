@@ -433,18 +433,45 @@ def test_a_fifo_or_a_device_as_data_is_refused_without_reading_it(tmp_path):
 
 # -- values on the command line ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, fragment", [
-    (["sample", "--tokens", "-1"], "--tokens: must be at least 1"),
-    (["sample", "--top-k", "-5"], "--top-k: must be at least 0"),
-    (["sample", "--temperature", "nan"], "--temperature: must be a finite number"),
-    (["sample", "--threads", "-1"], "--threads: must be at least 0"),
-    (["sample", "--device", "bogus"], "is not a device"),
-    (["eval", "--batches", "0"], "--batches: must be at least 1"),
-    (["eval", "--batches", "-3"], "--batches: must be at least 1"),
-    (["eval", "--batch-size", "0"], "--batch-size: must be at least 1"),
+QUANTIZE = ["quantize", "--ckpt", "x.pt", "--mode", "int4", "--out", "q.pt"]
+
+
+# Every numeric flag of every subcommand, below its floor, above its ceiling, and not a number.
+@pytest.mark.parametrize("args, shown", [
+    (["prepare", "--data", "x.txt", "--workers", "0"], "--workers: must be at least 1"),
+    (["prepare", "--data", "x.txt", "--workers", "100000"], "four per CPU this process may use"),
+    (["prepare", "--data", "x.txt", "--workers", "two"], "'two' is not a whole number"),
+    (["sample", "--ckpt", "x.pt", "--tokens", "0"], "--tokens: must be at least 1"),
+    (["sample", "--ckpt", "x.pt", "--tokens", "10000000000000"], "--tokens: must be at most 10,000,000 (held in memory)"),
+    (["sample", "--ckpt", "x.pt", "--tokens", "1e3"], "'1e3' is not a whole number"),
+    (["sample", "--ckpt", "x.pt", "--temperature", "-1"], "--temperature: must be a finite number of at least 0"),
+    (["sample", "--ckpt", "x.pt", "--temperature", "inf"], "--temperature: must be a finite number"),
+    (["sample", "--ckpt", "x.pt", "--temperature", "nan"], "--temperature: must be a finite number"),
+    (["sample", "--ckpt", "x.pt", "--top-k", "-1"], "--top-k: must be at least 0"),
+    (["sample", "--ckpt", "x.pt", "--seed", "-1"], "--seed: must be at least 0"),
+    (["sample", "--ckpt", "x.pt", "--seed", str(2**64)], "--seed: must be at most 18,446,744,073,709,551,615"),
+    (["sample", "--ckpt", "x.pt", "--threads", "-1"], "--threads: must be at least 0"),
+    (["eval", "--ckpt", "x.pt", "--batches", "0"], "--batches: must be at least 1"),
+    (["eval", "--ckpt", "x.pt", "--batches", "10000000"], "--batches: must be at most 1,000,000"),
+    (["eval", "--ckpt", "x.pt", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["eval", "--ckpt", "x.pt", "--batch-size", "1000000000"], "--batch-size: must be at most 4,096"),
+    ([*QUANTIZE, "--group-size", "0"], "--group-size: must be at least 1"),
+    ([*QUANTIZE, "--group-size", "x"], "'x' is not a whole number"),
+    ([*QUANTIZE, "--eval-batches", "-1"], "--eval-batches: must be at least 0"),
+    ([*QUANTIZE, "--eval-batches", "10000000"], "--eval-batches: must be at most 1,000,000"),
+    ([*QUANTIZE, "--batch-size", "0"], "--batch-size: must be at least 1"),
+    ([*QUANTIZE, "--batch-size", "99999"], "--batch-size: must be at most 4,096"),
+    ([*QUANTIZE, "--bench-tokens", "-5"], "--bench-tokens: must be at least 0"),
+    ([*QUANTIZE, "--bench-tokens", "10000000000"], "--bench-tokens: must be at most 10,000,000"),
 ])
-def test_bad_command_line_values_are_one_line(trained, capsys, args, fragment):
-    assert_one_line_error(gptcore_here(capsys, *args, "--ckpt", trained / "ckpt.pt"), 2, fragment)
+def test_numeric_flags_out_of_bounds_are_one_line_before_any_file_is_read(capsys, args, shown):
+    assert_one_line_error(gptcore_here(capsys, *args), 2, shown)
+
+
+def test_a_device_that_is_none_is_one_line(trained, capsys):
+    for command in ("sample", "eval"):
+        assert_one_line_error(gptcore_here(capsys, command, "--ckpt", trained / "ckpt.pt", "--device", "bogus"), 2,
+                              "is not a device")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
