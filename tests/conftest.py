@@ -3,10 +3,12 @@ metrics, and the Slurm client commands the cluster tests use."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,14 +45,17 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return len(os.sched_getaffinity(0))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items) -> None:
-    """Each module's tests share one worker, so that a module's fixtures (trained models, runs) are
-    built once; the tests of one Slurm cluster share one worker whatever their module
-    (`xdist_group("slurm-...")`), so that they never compete for its nodes."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+@pytest.fixture(autouse=True)
+def one_test_per_cluster(request):
+    """Tests marked slurm_cluster(NAME) take turns on that cluster: pytest-xdist runs several test
+    files at once, and two tests sharing the cluster's nodes would wait on each other's jobs."""
+    marker = request.node.get_closest_marker("slurm_cluster")
+    if marker is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / f"gptcore-tests-{marker.args[0]}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

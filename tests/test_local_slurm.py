@@ -55,10 +55,9 @@ def _cluster_env() -> dict[str, str] | None:
 
 
 ENV = _cluster_env()
-# Every test of the one-node cluster runs on one worker (pytest-xdist), so that two never compete for its nodes.
 pytestmark = [
     pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (sbatch missing or `env/local_slurm.sh status` not up)"),
-    pytest.mark.slow, pytest.mark.xdist_group("slurm-one-node"),
+    pytest.mark.slow, pytest.mark.slurm_cluster("one-node"),
 ]
 
 

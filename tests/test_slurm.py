@@ -36,9 +36,8 @@ def local_cluster_env() -> dict | None:
 
 
 ENV = local_cluster_env()
-# Every test of the one-node cluster runs on one worker (pytest-xdist), so that two never compete for its nodes.
 pytestmark = [pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`bash env/local_slurm.sh start`)"),
-              pytest.mark.slow, pytest.mark.xdist_group("slurm-one-node")]
+              pytest.mark.slow, pytest.mark.slurm_cluster("one-node")]
 
 # A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
 LONG = ["train.max_iters=2000", "train.log_interval=50", "train.eval_interval=500"]

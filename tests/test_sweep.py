@@ -133,7 +133,8 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     for run in (one, two):  # a size is flagged shared exactly when others took over 10% of its node
         assert ("shared" in [flag["kind"] for flag in run["flags"]]) == (run["others_cpu_pct"] > SHARED_NODE_PCT), run
     text = (out / "report" / "report.md").read_text()
-    assert "No conclusion is drawn from these numbers: at 2 rank(s), node shared: other processes used" in text
+    assert "No conclusion is drawn from these numbers: " in text  # at 1 rank too where the node was busy
+    assert "at 2 rank(s), node shared: other processes used" in text
     assert "lost time goes" not in text and "competed for cores" not in text
 
 
@@ -193,14 +194,15 @@ def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_
 @pytest.mark.slow
 def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_path, corpus):
     out = tmp_path / "sweep"
-    result = sweep("--gpus", "1,2,4", "--parallel", "ddp,fsdp", "--config", "tiny", "--executor", "local",
+    # Sizes 1 and 2: 4 ranks on this suite's 2 cores would only measure oversubscription.
+    result = sweep("--gpus", "1,2", "--parallel", "ddp,fsdp", "--config", "tiny", "--executor", "local",
                    "--out", out, f"data.path={corpus}", *TRAIN, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("n")) == [
-        "n1-ddp", "n1-fsdp", "n2-ddp", "n2-fsdp", "n4-ddp", "n4-fsdp"]
+        "n1-ddp", "n1-fsdp", "n2-ddp", "n2-fsdp"]
     rows = report_rows(out / "report" / "report.md")
     assert [(row["parallel"], row["ranks"]) for row in rows] == [
-        ("ddp", "1"), ("ddp", "2"), ("ddp", "4"), ("fsdp", "1"), ("fsdp", "2"), ("fsdp", "4")]
+        ("ddp", "1"), ("ddp", "2"), ("fsdp", "1"), ("fsdp", "2")]
     assert all(row["efficiency"].startswith("100%") for row in rows if row["ranks"] == "1")  # each its own baseline
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["loss_agreement"] <= 1e-4  # fp32: both strategies follow one curve
@@ -213,7 +215,7 @@ def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_pat
     for pair in compared["side_by_side"]:  # each FSDP rank holds 1/N of DDP's state, and a few rows' rounding
         n = pair["world_size"]
         assert 1 / n <= pair["state_ratio"] <= 1 / n + 0.05, pair
-    assert [pair["world_size"] for pair in compared["side_by_side"]] == [1, 2, 4]
+    assert [pair["world_size"] for pair in compared["side_by_side"]] == [1, 2]
     text = (out / "report" / "report.md").read_text()
     assert "## DDP and FSDP" in text and "### Which strategy, for larger models" in text
     assert "DDP never fits" in text and "FSDP from" in text  # the 13B shape does not fit one 80 GB GPU under DDP
@@ -250,9 +252,9 @@ def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path
 
 
 def slurm(test):
-    """Needs the one-node cluster, and runs on the worker that runs its other tests (pytest-xdist)."""
+    """Needs the one-node cluster, and takes its turn on it (conftest.one_test_per_cluster)."""
     skip = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
-    return skip(pytest.mark.xdist_group("slurm-one-node")(test))
+    return skip(pytest.mark.slurm_cluster("one-node")(test))
 
 
 @slurm

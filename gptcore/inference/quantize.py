@@ -207,9 +207,6 @@ class Int8Embedding(nn.Module):
 
 
 def check_group_size(mode: str, group_size: int, model: ModelConfig) -> None:
-    if group_size <= 0:
-        raise UserInputError(f"--group-size must be a positive number of weights per scale, got {group_size}; "
-                             f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
     if mode == "int4" and (problem := int4_problem(model, group_size)):
         raise UserInputError(f"--group-size: {problem}")
 
