@@ -1,15 +1,16 @@
 """A training beside another job on the same cores: how OpenMP's wait policy changes the wall time.
 
-    python bench/bench_shared_node.py                                  # tiny, 300 steps, 3 rounds
-    python bench/bench_shared_node.py --train "--config fast train.max_iters=300" --rounds 2
+    python bench/bench_shared_node.py                                  # the quick start's model, 60 steps
+    python bench/bench_shared_node.py --train "--config cpu train.max_iters=100" --rounds 5
 
 Torch's OpenMP threads (libgomp) spin while they wait for work, by default for about 300,000
 iterations. On a quiet machine that saves a sleep and a wake-up per parallel region; beside
 another job, two spinning processes burn each other's time slices. Each round runs
-`gptcore train` once per wait setting, quiet and then beside a neighbour (a process doing fp32
-matmuls on as many threads as this process may use CPUs, with libgomp's defaults, as another
-user's job would), alternating the order of the settings from round to round. Every run is a
-whole process, timed from start to exit.
+`gptcore train` once per wait setting, quiet and then beside a neighbour: another training (the
+`cpu` preset on as many threads as this process may use CPUs, with libgomp's default spinning, as
+another user's job would run). The order of the settings alternates from round to round. Every
+run is a whole process, timed from start to exit. "gptcore's choice" sets nothing, so that
+gptcore.cluster.spinning picks the wait as it does for a user.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,9 +33,9 @@ SETTINGS = {
     "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
     "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "gptcore's choice (gptcore.cluster.spinning)": {},
 }
 WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
-NEIGHBOUR = ("import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    y = x @ x\n")
 
 
 def clean_env(extra: dict) -> dict:
@@ -53,7 +55,7 @@ def timed_train(train_args: list[str], extra: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", default="--config tiny train.max_iters=300", help="gptcore train arguments")
+    parser.add_argument("--train", default="--config fast train.max_iters=60", help="gptcore train arguments")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from the names above")
     args = parser.parse_args()
@@ -63,19 +65,24 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in (names if round_ % 2 == 0 else names[::-1]):
             times[name, "quiet"].append(timed_train(train_args, SETTINGS[name]))
-            neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={
-                **{k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}, "OMP_NUM_THREADS": str(threads)})
+            neighbour_dir = tempfile.mkdtemp(prefix="neighbour-")
+            neighbour = subprocess.Popen(
+                [sys.executable, "-m", "gptcore", "train", "--config", "cpu", "train.max_iters=1000000",
+                 f"out_dir={neighbour_dir}", "profile.sampler=false", "log.tensorboard=false"],
+                cwd=REPO, env=clean_env({"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": str(threads)}),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                time.sleep(2)  # its torch import done, its threads at work
+                time.sleep(8)  # set up and training
                 times[name, "beside"].append(timed_train(train_args, SETTINGS[name]))
             finally:
                 neighbour.kill()
                 neighbour.wait()
+                shutil.rmtree(neighbour_dir)
             print(f"round {round_ + 1}: {name}: quiet {times[name, 'quiet'][-1]:.1f} s, "
                   f"beside {times[name, 'beside'][-1]:.1f} s", file=sys.stderr, flush=True)
     base = statistics.median(times[names[0], "quiet"])
-    print(f"`gptcore train {args.train}`, whole process, {args.rounds} rounds; the neighbour: fp32 matmuls on "
-          f"{threads} thread(s)\n")
+    print(f"`gptcore train {args.train}`, whole process, {args.rounds} rounds; the neighbour: `gptcore train "
+          f"--config cpu` on {threads} thread(s), libgomp's default spinning\n")
     print("| wait setting | quiet s | vs default quiet | beside a job s | beside / quiet |")
     print("|---|---|---|---|---|")
     for name in names:

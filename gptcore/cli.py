@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from gptcore.cluster.spinning import set_wait_policy
 from gptcore.errors import GptcoreError, UserInputError
 
 
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        set_wait_policy(args.command)  # before torch is imported
         args.func(args)
     except GptcoreError as err:
         print(f"gptcore: error: {err}", file=sys.stderr)

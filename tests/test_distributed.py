@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,8 +15,7 @@ import torch
 from conftest import REPO, assert_one_line_error, run_metrics
 from gptcore.checkpointing.checkpoint import gather_rng_states, restore_rng_state
 from gptcore.cluster.distributed import RankContract, preflight, read_contract, thread_share
-from gptcore.config import load_config
-from gptcore.config import batch_split
+from gptcore.config import batch_split, load_config
 from gptcore.errors import UserInputError
 
 # 20 steps on the CPU (gloo) even on a GPU machine, a loss logged at every one of them.
@@ -234,3 +234,36 @@ def test_the_lost_ranks_line_promises_a_resume_only_when_a_checkpoint_exists():
     assert "Read error [127.0.0.1]:29500: Connection reset by peer" in none
     kept = str(lost_ranks(err, 1, "runs/x/ckpt.pt (step 200) is kept", saved=True))
     assert kept.endswith("(step 200) is kept, and a rerun with resume=auto continues from it")
+
+
+def test_the_openmp_wait_is_chosen_before_torch_and_a_users_choice_is_kept():
+    from gptcore.cluster.spinning import BOUNDED_SPIN, set_wait_policy
+
+    for command in ("sample", "eval", "prepare", "quantize"):  # never measured: a bounded spin
+        environ = {}
+        set_wait_policy(command, environ)
+        assert environ == {"GOMP_SPINCOUNT": BOUNDED_SPIN}
+    ranks = {"WORLD_SIZE": "2"}  # a rank among several: its siblings' start-up is no load to measure
+    set_wait_policy("train", ranks)
+    assert ranks["GOMP_SPINCOUNT"] == BOUNDED_SPIN
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "INFINITE"}):
+        environ = dict(chosen)
+        set_wait_policy("train", environ)
+        assert environ == chosen
+
+
+def test_a_training_that_starts_on_a_busy_node_waits_passively():
+    """As many CPU burners as the node has CPUs: the node is busy, so the training's threads sleep
+    while they wait instead of spinning against the burners."""
+    from gptcore.cluster.spinning import set_wait_policy
+
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        environ = {}
+        set_wait_policy("train", environ)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
