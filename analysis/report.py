@@ -29,9 +29,10 @@ from analysis import plots, scaling, strategies
 from analysis.runs import Run, gradient_bytes, load_run, merged_profile, top_functions
 from gptcore.cli import ArgumentParser
 from gptcore.cluster.parallel import STRATEGIES
+from gptcore.cluster.spinning import SHARED_NODE_PCT
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.files import atomic_write_bytes
-from gptcore.telemetry.sampler import SHARED_NODE_PCT, summarize_samples
+from gptcore.telemetry.sampler import summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
 MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together

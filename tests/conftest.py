@@ -45,6 +45,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return len(os.sched_getaffinity(0))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Files with more slow tests first (their order kept within each file): pytest-xdist hands
+    whole files to workers in this order, so the long ones start early and the short ones fill
+    in at the end, instead of one worker finishing a long file alone."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])
+
+
 @pytest.fixture(autouse=True)
 def one_test_per_cluster(request):
     """Tests marked slurm_cluster(NAME) take turns on that cluster: pytest-xdist runs several test

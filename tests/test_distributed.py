@@ -243,9 +243,10 @@ def test_the_openmp_wait_is_chosen_before_torch_and_a_users_choice_is_kept():
         environ = {}
         set_wait_policy(command, environ)
         assert environ == {"GOMP_SPINCOUNT": BOUNDED_SPIN}
-    ranks = {"WORLD_SIZE": "2"}  # a rank among several: its siblings' start-up is no load to measure
-    set_wait_policy("train", ranks)
-    assert ranks["GOMP_SPINCOUNT"] == BOUNDED_SPIN
+    # A rank among several (its siblings' start-up is no load to measure), and one thread (no team).
+    for unmeasured in ({"WORLD_SIZE": "2"}, {"OMP_NUM_THREADS": "1"}):
+        set_wait_policy("train", unmeasured)
+        assert unmeasured["GOMP_SPINCOUNT"] == BOUNDED_SPIN
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "INFINITE"}):
         environ = dict(chosen)
         set_wait_policy("train", environ)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_metrics
-from gptcore.telemetry.sampler import SHARED_NODE_PCT
+from gptcore.cluster.spinning import SHARED_NODE_PCT
 from launch.submit import slurm_answers
 
 FAKE_NVIDIA_SMI = """#!/bin/sh

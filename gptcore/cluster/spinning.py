@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 
 BOUNDED_SPIN = "10000"
-BUSY_NODE_PCT = 10.0  # others' CPU in % of the node above which a training starts passive (the report's "shared")
+SHARED_NODE_PCT = 10.0  # others' CPU, in % of the node, above which a node counts as shared
 
 
 def wait_setting(busy_pct: float | None) -> dict[str, str]:
-    """The environment that sets the wait: passive where the node was measured busy (BUSY_PCT,
+    """The environment that sets the wait: passive where the node was measured shared (BUSY_PCT,
     % of all its CPUs; None where not measured), else a bounded spin."""
-    if busy_pct is not None and busy_pct > BUSY_NODE_PCT:
+    if busy_pct is not None and busy_pct > SHARED_NODE_PCT:
         return {"OMP_WAIT_POLICY": "PASSIVE"}
     return {"GOMP_SPINCOUNT": BOUNDED_SPIN}
 
@@ -43,7 +43,8 @@ def one_process(environ) -> bool:
 def set_wait_policy(command: str, environ=os.environ) -> None:
     """Chooses the wait for COMMAND before torch is imported, unless the user chose one (OMP_WAIT_POLICY
     or GOMP_SPINCOUNT). Only a training, the one command that runs for minutes, spends a moment
-    measuring the node."""
+    measuring the node, and not where OMP_NUM_THREADS=1 leaves no thread to wait."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return
-    environ.update(wait_setting(node_busy_pct() if command == "train" and one_process(environ) else None))
+    measure = command == "train" and one_process(environ) and environ.get("OMP_NUM_THREADS") != "1"
+    environ.update(wait_setting(node_busy_pct() if measure else None))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-SHARED_NODE_PCT = 10.0  # others' CPU, in % of the node, above which a node counts as shared
+from gptcore.cluster.spinning import SHARED_NODE_PCT
+
 GPU_QUERY = "index,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu"
 GPU_FIELDS = ("index", "util_pct", "mem_used_mib", "mem_total_mib", "power_w", "temp_c")
 
