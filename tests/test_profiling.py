@@ -100,8 +100,9 @@ def test_the_sampler_measures_the_load_other_processes_put_on_the_node(tmp_path)
     finally:
         burner.kill()
     rest = max(0.0, node - ours - burned)  # other processes than the burner and this one
-    samples = read_samples(tmp_path / "node0.jsonl")[1:]  # the first covers the sampler's start
-    others = statistics.median(sample["others_cpu_pct"] for sample in samples)
+    # The mean of the samples, like the test's own figures, is an average over the same seconds; a
+    # median is not, and differs from it where the rest of the node's load comes in bursts.
+    others = statistics.mean(sample["others_cpu_pct"] for sample in read_samples(tmp_path / "node0.jsonl"))
     assert burned > 20 and burned - 6 < others < burned + rest + 6, (others, burned, rest)
 
 
