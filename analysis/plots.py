@@ -108,7 +108,7 @@ def phases_plot(rows: list[dict]):
     return figure
 
 
-def loss_plot(rows: list[dict], agreement: float | None, agreement_limit: float):
+def loss_plot(rows: list[dict], agreement: dict | None, agreement_limit: float):
     figure, ax = plt.subplots(figsize=(6.5, 4))
     for index, r in enumerate(rows):
         steps, losses = zip(*r["loss_curve"])
@@ -125,8 +125,10 @@ def loss_plot(rows: list[dict], agreement: float | None, agreement_limit: float)
     ax.set(xlabel="step", ylabel="loss", title="Loss per size" if len(rows) > 1 else "Loss")
     ax.legend(title="ranks", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if agreement is not None and len(rows) > 1:
-        note = (f"train curves agree within {agreement_limit:g} (max {agreement:.1e}): data parallelism's promise holds"
-                if agreement <= agreement_limit else f"train curves differ by up to {agreement:.1e}")
+        note = (f"train curves agree within {agreement_limit:g} (max {agreement['worst']:.1e}): data parallelism's "
+                "promise holds" if agreement["worst"] <= agreement_limit else
+                f"train curves typically {agreement['typical']:.1e} apart, at most {agreement['worst']:.1e} "
+                f"at step {agreement['worst_step']}{' (a loss spike)' if agreement['spike'] else ''}")
         ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="small")
     return figure
 

@@ -154,3 +154,42 @@ def sacct(env: dict, job_id: str, fields: str = "State") -> list[str]:
         out = slurm_command(env, "sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}").strip()
         return out.split("|") if out and out.split("|")[0].split()[0] not in ACTIVE_JOB_STATES else None
     return wait_until(final, 30, f"sacct's record of job {job_id}")
+
+
+# The sweep tests (test_sweep.py, and test_slurm.py on the cluster): a fake nvidia-smi on PATH stands in for
+# the GPUs this machine lacks.
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu
+echo "0, 87, 31245, 81559, 312.45, 64"
+echo "1, 85, 31102, 81559, 305.10, 63"
+echo "2, 90, 31190, 81559, 318.77, 66"
+echo "3, 12, 2, 81559, [N/A], 41"
+"""
+SWEEP_TRAIN = ["--config", "tiny", "train.device=cpu", "train.max_iters=40", "train.sample_tokens=0", "profile.sampler_interval=0.25"]
+
+
+@pytest.fixture
+def fake_gpus(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def sweep_command(*args) -> list[str]:
+    return [sys.executable, "launch/sweep.py", *map(str, args)]
+
+
+def sweep(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def report_rows(report_md: Path) -> list[dict[str, str]]:
+    """The rows of the Scaling table (Step time, for one size), each {column header: cell}."""
+    text = report_md.read_text()
+    section = text.split("## Scaling" if "## Scaling" in text else "## Step time")[1].split("##")[0]
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ")]
+    return [dict(zip(lines[0], cells)) for cells in lines[1:]]

@@ -7,7 +7,7 @@ import random
 import statistics
 
 from analysis import scaling
-from analysis.report import compare, limits_paragraph
+from analysis.report import agreement_verdict, compare, limits_paragraph, loss_agreement
 from gptcore.cluster.distributed import bus_bandwidth_gbps
 from gptcore.errors import UserInputError
 from gptcore.telemetry.sampler import parse_nvidia_smi, visible_gpus
@@ -141,6 +141,38 @@ def test_thin_data_above_ideal_and_oversubscription_are_flagged():
     assert set(kinds[2]) == {"thin", "shared", "oversubscribed", "above ideal"}
     texts = " ".join(flag["text"] for flag in rows[2]["flags"])
     assert "only 2 hardware sample(s)" in texts and "2 rank(s) x 2 thread(s) on 2 core(s)" in texts
+    # Few windows and few samples at once: one "thin" flag that says both.
+    both = windows_row(2, [8.0, 8.1], sampled=True, samples={"node0": {"samples": 1}})
+    compare([windows_row(1, steady), both])
+    thin = [flag for flag in both["flags"] if flag["kind"] == "thin"]
+    assert len(thin) == 1 and "2 timed window(s)" in thin[0]["text"] and "1 hardware sample(s)" in thin[0]["text"]
+    assert "train.log_interval" in thin[0]["fix"] and "profile.sampler_interval" in thin[0]["fix"]
+
+
+def curve_rows(*curves):
+    return [{"loss_curve": [[10 * (i + 1), loss] for i, loss in enumerate(curve)]} for curve in curves]
+
+
+def test_the_loss_check_gives_the_typical_and_the_worst_difference_and_names_a_spike():
+    falling = [3.0 - 0.05 * i for i in range(20)]
+    # Within the promise everywhere.
+    close = loss_agreement(curve_rows(falling, [x + 3e-6 for x in falling]))
+    assert close["typical"] == pytest.approx(3e-6) and close["beyond"] == 0
+    assert "promise holds" in agreement_verdict(close, bf16=False)
+    # One step at a loss spike (step 80 jumps by 0.5, the sizes 1.7e-4 apart there), the rest 5e-6.
+    spiked = [x + (0.5 if i == 7 else 0.0) for i, x in enumerate(falling)]
+    other = [x + (1.7e-4 if i == 7 else 5e-6) for i, x in enumerate(spiked)]
+    one = loss_agreement(curve_rows(spiked, other))
+    assert (one["worst_step"], one["beyond"], one["spike"]) == (80, 1, True)
+    assert one["typical"] == pytest.approx(5e-6) and one["worst"] == pytest.approx(1.7e-4)
+    verdict = agreement_verdict(one, bf16=True)
+    assert "at most 1.7e-04 at step 80" in verdict and "loss spike" in verdict and "promise holds" in verdict
+    # The same gap without a spike is a broken promise, said so.
+    plain = loss_agreement(curve_rows(falling, [x + (1.7e-4 if i == 7 else 5e-6) for i, x in enumerate(falling)]))
+    assert plain["spike"] is False and "promise holds" not in agreement_verdict(plain, bf16=False)
+    # Curves that drift apart break it at many steps, whatever the loss does.
+    drift = loss_agreement(curve_rows(spiked, [x + 2e-4 * i for i, x in enumerate(spiked)]))
+    assert drift["beyond"] == 19 and "19 of 20 common steps are beyond" in agreement_verdict(drift, bf16=False)
 
 
 def test_intervals_narrow_with_more_windows_and_are_seeded():

@@ -4,9 +4,11 @@ submitted from the repository root as a user would; their runs/ and logs/ files 
 afterwards. Skipped when Slurm's clients are missing or the cluster is not up."""
 
 import json
-import re
 import os
+import pstats
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +18,8 @@ import pytest
 import yaml
 import torch
 
-from conftest import REPO, job_info, run_metrics, sacct, slurm_command, wait_until, wait_until_ended
+from conftest import (REPO, SWEEP_TRAIN, assert_one_line_error, job_info, report_rows, run_metrics, sacct, slurm_command,
+                      sweep, wait_until, wait_until_ended)
 from gptcore.checkpointing.checkpoint import load
 
 
@@ -326,3 +329,77 @@ def test_prepare_template_prepares_a_directory_as_a_cpu_job(jobs, tmp_path, corp
     meta = json.loads((out / "meta.json").read_text())
     assert meta["documents_separated"] and meta["train_tokens"] + meta["val_tokens"] == len(text) + 2
     assert f"prepared {out}" in log_text("test-prepare", job)
+
+
+# launch/sweep.py through Slurm.
+def recomputed_step_ms(records: list[dict]) -> float:
+    """The report's definition, worked out again here: median of the logged windows after the
+    first one and the first 10% of steps, less each window's eval and checkpoint time."""
+    steps = [r for r in records if "ms_per_step" in r]
+    rows, previous = [], None
+    for r in steps:
+        extra = r["phases_ms"].get("eval", 0.0) + r["phases_ms"].get("checkpoint", 0.0)
+        ms = r["ms_per_step"] - (extra / (r["step"] - previous) if previous is not None else 0.0)
+        rows.append((r["step"], ms))
+        previous = r["step"]
+    cutoff = max(steps[0]["step"], 0.1 * steps[-1]["step"])
+    return statistics.median(ms for step, ms in rows if step > cutoff)
+
+
+def test_slurm_refuses_more_gpus_than_the_partition_has_and_plans_the_quantize_chain(tmp_path):
+    out = tmp_path / "sweep"
+    assert_one_line_error(sweep("--gpus", "1,64", "--config", "tiny", "--executor", "slurm", "--out", out,
+                                env=ENV),
+                          2, "--gpus 64", "GPUs per node")
+    result = sweep("--gpus", "1,2", "--config", "tiny", "--executor", "slurm", "--quantize", "--dry-run", "--out", out,
+                   env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert f"sbatch --dependency=afterok:<sweep-n1 job> --export=ALL,RUN_DIR={out}/n1 slurm/quantize.sbatch" \
+        in result.stdout
+    assert not out.exists()
+
+
+def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
+    out = tmp_path / "sweep"
+    result = sweep("--gpus", "1,2,4", "--executor", "slurm", "--timeout-min", 5, "--out", out,
+                   f"data.path={corpus}", *SWEEP_TRAIN, env={**ENV, **fake_gpus}, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report_dir = out / "report"
+    assert result.stdout.splitlines()[-1] == f"report: {report_dir}/report.md"
+    # The live table shows Slurm's own states, never ones made up by the sweep.
+    states = {line.split()[2] for line in result.stdout.splitlines() if line.split()[1:2] and
+              line.split()[1].startswith("sweep-n")}
+    assert "COMPLETED" in states and not states & {"UNKNOWN", "DONE"}, result.stdout
+    rows = report_rows(report_dir / "report.md")
+    assert [row["ranks"] for row in rows] == ["1", "2", "4"]
+    for name in ("speedup", "efficiency", "phases", "loss", "utilization"):
+        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The report's numbers are the runs' own: recompute the 2-rank row from its metrics.jsonl.
+    report = json.loads((report_dir / "report.json").read_text())
+    one, two = (next(r for r in report["runs"] if r["world_size"] == n) for n in (1, 2))
+    step_ms_1, step_ms_2 = recomputed_step_ms(run_metrics(out / "n1")), recomputed_step_ms(run_metrics(out / "n2"))
+    assert two["step_ms"] == pytest.approx(step_ms_2)
+    assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
+    assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
+    assert rows[1]["step ms"] == f"{step_ms_2:.2f}"
+    assert one["final_loss"] == pytest.approx(run_metrics(out / "n1")[-2]["loss"])
+
+    # Every rank profiled; the merged top list is the training step, not imports.
+    four = next(r for r in report["runs"] if r["world_size"] == 4)
+    profiles = sorted((out / "n4" / "profile").glob("rank*.prof"))
+    assert len(profiles) == four["profile_ranks"] == 4
+    assert all(pstats.Stats(str(p)).total_calls > 0 for p in profiles)
+    assert "_micro_steps" in {f["function"] for f in four["profile_top"]}
+    assert not any("importlib" in f["file"] for f in four["profile_top"])
+
+    # Slurm gave each job its own GPUs (CUDA_VISIBLE_DEVICES): only those are sampled and reported.
+    fake_util = {"0": 87.0, "1": 85.0, "2": 90.0, "3": 12.0}
+    for run in report["runs"]:
+        gpus = run["samples"]["node0"]["gpus"]
+        assert len(gpus) == run["world_size"]
+        assert all(gpu["util_pct"] == fake_util[index] for index, gpu in gpus.items())
+        assert sorted(run["samples"]["node0"]["ranks"]) == [str(rank) for rank in range(run["world_size"])]
+    index, gpu = sorted(two["samples"]["node0"]["gpus"].items())[0]
+    assert f"gpu{index} {gpu['util_pct']:.0f}% / {gpu['mem_peak_mib']:,.0f} of 81,559 MiB" in \
+        (report_dir / "report.md").read_text()

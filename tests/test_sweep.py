@@ -1,75 +1,21 @@
 """`python launch/sweep.py`: the same training at several sizes, then the scaling report. Local
 processes (no Slurm needed) and the local Slurm cluster (skipped when it is not up). A fake
-nvidia-smi on PATH stands in for the GPUs this machine lacks."""
+nvidia-smi on PATH stands in for the GPUs this machine lacks. The sweeps on the Slurm cluster are in
+test_slurm.py, where the cluster's tests run one after another."""
 
 import json
 import os
-import pstats
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_metrics
+from conftest import REPO, SWEEP_TRAIN, assert_one_line_error, report_rows, sweep, sweep_command
 from gptcore.cluster.spinning import SHARED_NODE_PCT
-from launch.submit import slurm_answers
-
-FAKE_NVIDIA_SMI = """#!/bin/sh
-# nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw,temperature.gpu
-echo "0, 87, 31245, 81559, 312.45, 64"
-echo "1, 85, 31102, 81559, 305.10, 63"
-echo "2, 90, 31190, 81559, 318.77, 66"
-echo "3, 12, 2, 81559, [N/A], 41"
-"""
-TRAIN = ["--config", "tiny", "train.device=cpu", "train.max_iters=40", "train.sample_tokens=0", "profile.sampler_interval=0.25"]
-
-
-@pytest.fixture
-def fake_gpus(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-
-
-def sweep_command(*args) -> list[str]:
-    return [sys.executable, "launch/sweep.py", *map(str, args)]
-
-
-def sweep(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def report_rows(report_md: Path) -> list[dict[str, str]]:
-    """The rows of the Scaling table (Step time, for one size), each {column header: cell}."""
-    text = report_md.read_text()
-    section = text.split("## Scaling" if "## Scaling" in text else "## Step time")[1].split("##")[0]
-    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
-             if line.startswith("| ")]
-    return [dict(zip(lines[0], cells)) for cells in lines[1:]]
-
-
-def recomputed_step_ms(records: list[dict]) -> float:
-    """The report's definition, worked out again here: median of the logged windows after the
-    first one and the first 10% of steps, less each window's eval and checkpoint time."""
-    steps = [r for r in records if "ms_per_step" in r]
-    rows, previous = [], None
-    for r in steps:
-        extra = r["phases_ms"].get("eval", 0.0) + r["phases_ms"].get("checkpoint", 0.0)
-        ms = r["ms_per_step"] - (extra / (r["step"] - previous) if previous is not None else 0.0)
-        rows.append((r["step"], ms))
-        previous = r["step"]
-    cutoff = max(steps[0]["step"], 0.1 * steps[-1]["step"])
-    return statistics.median(ms for step, ms in rows if step > cutoff)
-
 
 def test_bad_gpu_lists_fail_in_one_line_before_anything_is_submitted(tmp_path):
     out = tmp_path / "sweep"
@@ -86,7 +32,7 @@ def test_bad_gpu_lists_fail_in_one_line_before_anything_is_submitted(tmp_path):
 
 def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     out = tmp_path / "sweep"
-    result = sweep("--gpus", "1,2", "--executor", "local", "--dry-run", "--out", out, *TRAIN)
+    result = sweep("--gpus", "1,2", "--executor", "local", "--dry-run", "--out", out, *SWEEP_TRAIN)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "would submit 2 job(s) (local processes, --time 60 min):"
@@ -97,7 +43,7 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
 
 
 def test_repeats_interleave_the_sizes(tmp_path):
-    result = sweep("--gpus", "1,2", "--executor", "local", "--repeats", "2", "--dry-run", "--out", tmp_path / "s", *TRAIN)
+    result = sweep("--gpus", "1,2", "--executor", "local", "--repeats", "2", "--dry-run", "--out", tmp_path / "s", *SWEEP_TRAIN)
     assert result.returncode == 0, result.stderr
     names = [line.split(":")[0].strip() for line in result.stdout.splitlines()[1:-1]]
     assert names == ["sweep-n1-r1", "sweep-n2-r1", "sweep-n1-r2", "sweep-n2-r2"]
@@ -108,7 +54,7 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     """A CPU-burning process, not the job's, starts when the 2-rank size does and stops with it."""
     out = tmp_path / "sweep"
     process = subprocess.Popen(
-        sweep_command("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
+        sweep_command("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *SWEEP_TRAIN,
                       "train.max_iters=200", "train.log_interval=10"),
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     burner = None
@@ -142,7 +88,7 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="oversubscribes only a machine of 2 cores")
 def test_ranks_asking_for_more_threads_than_the_node_has_cores_are_flagged(tmp_path, corpus):
     out = tmp_path / "sweep"
-    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN, "train.threads=2")
+    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *SWEEP_TRAIN, "train.threads=2")
     assert result.returncode == 0, result.stdout + result.stderr
     one, two = json.loads((out / "report" / "report.json").read_text())["runs"]
     assert (one["threads"], two["threads"], two["node_cpus"]) == (2, 2, 2)
@@ -154,7 +100,7 @@ def test_ranks_asking_for_more_threads_than_the_node_has_cores_are_flagged(tmp_p
 @pytest.mark.slow
 def test_local_sweep_reports_both_sizes_with_gpu_samples(tmp_path, corpus, fake_gpus):
     out = tmp_path / "sweep"
-    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *TRAIN,
+    result = sweep("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}", *SWEEP_TRAIN,
                    env=fake_gpus)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == f"report: {out}/report/report.md"
@@ -196,7 +142,7 @@ def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_pat
     out = tmp_path / "sweep"
     # Sizes 1 and 2: 4 ranks on this suite's 2 cores would only measure oversubscription.
     result = sweep("--gpus", "1,2", "--parallel", "ddp,fsdp", "--config", "tiny", "--executor", "local",
-                   "--out", out, f"data.path={corpus}", *TRAIN, timeout=400)
+                   "--out", out, f"data.path={corpus}", *SWEEP_TRAIN, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("n")) == [
         "n1-ddp", "n1-fsdp", "n2-ddp", "n2-fsdp"]
@@ -205,7 +151,7 @@ def test_a_sweep_of_both_strategies_writes_one_report_that_compares_them(tmp_pat
         ("ddp", "1"), ("ddp", "2"), ("fsdp", "1"), ("fsdp", "2")]
     assert all(row["efficiency"].startswith("100%") for row in rows if row["ranks"] == "1")  # each its own baseline
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["loss_agreement"] <= 1e-4  # fp32: both strategies follow one curve
+    assert report["loss_agreement"]["worst"] <= 1e-4  # fp32: both strategies follow one curve
     compared = report["strategies"]
     parameters = report["runs"][0]["parameters"]
     for measured in compared["measured"]:
@@ -226,7 +172,7 @@ def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path
     out = tmp_path / "sweep"
     process = subprocess.Popen(
         sweep_command("--gpus", "1,2", "--executor", "local", "--out", out, f"data.path={corpus}",
-                      "train.timeout_s=20", *TRAIN, "train.max_iters=1000", "train.eval_interval=500"),
+                      "train.timeout_s=20", *SWEEP_TRAIN, "train.max_iters=1000", "train.eval_interval=500"),
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
@@ -249,69 +195,3 @@ def test_a_failed_size_is_named_with_its_log_and_left_out_of_the_report(tmp_path
     assert "sweep: job sweep-n2" in stderr and "failed" in stderr and "last lines of its log" in stderr
     assert stdout.splitlines()[-1] == f"report: {out}/report/report.md"
     assert [row["ranks"] for row in report_rows(out / "report" / "report.md")] == ["1"]
-
-
-def slurm(test):
-    """Needs the one-node cluster, and takes its turn on it (conftest.one_test_per_cluster)."""
-    skip = pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers (bash env/local_slurm.sh start)")
-    return skip(pytest.mark.slurm_cluster("one-node")(test))
-
-
-@slurm
-def test_slurm_refuses_more_gpus_than_the_partition_has_and_plans_the_quantize_chain(tmp_path):
-    out = tmp_path / "sweep"
-    assert_one_line_error(sweep("--gpus", "1,64", "--config", "tiny", "--executor", "slurm", "--out", out),
-                          2, "--gpus 64", "GPUs per node")
-    result = sweep("--gpus", "1,2", "--config", "tiny", "--executor", "slurm", "--quantize", "--dry-run", "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert f"sbatch --dependency=afterok:<sweep-n1 job> --export=ALL,RUN_DIR={out}/n1 slurm/quantize.sbatch" \
-        in result.stdout
-    assert not out.exists()
-
-
-@pytest.mark.slow
-@slurm
-def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
-    out = tmp_path / "sweep"
-    result = sweep("--gpus", "1,2,4", "--executor", "slurm", "--timeout-min", 5, "--out", out,
-                   f"data.path={corpus}", *TRAIN, env=fake_gpus, timeout=400)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report_dir = out / "report"
-    assert result.stdout.splitlines()[-1] == f"report: {report_dir}/report.md"
-    # The live table shows Slurm's own states, never ones made up by the sweep.
-    states = {line.split()[2] for line in result.stdout.splitlines() if line.split()[1:2] and
-              line.split()[1].startswith("sweep-n")}
-    assert "COMPLETED" in states and not states & {"UNKNOWN", "DONE"}, result.stdout
-    rows = report_rows(report_dir / "report.md")
-    assert [row["ranks"] for row in rows] == ["1", "2", "4"]
-    for name in ("speedup", "efficiency", "phases", "loss", "utilization"):
-        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # The report's numbers are the runs' own: recompute the 2-rank row from its metrics.jsonl.
-    report = json.loads((report_dir / "report.json").read_text())
-    one, two = (next(r for r in report["runs"] if r["world_size"] == n) for n in (1, 2))
-    step_ms_1, step_ms_2 = recomputed_step_ms(run_metrics(out / "n1")), recomputed_step_ms(run_metrics(out / "n2"))
-    assert two["step_ms"] == pytest.approx(step_ms_2)
-    assert two["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / step_ms_2)  # tiny: global batch 8 x 32
-    assert two["efficiency"] == pytest.approx(step_ms_1 / (2 * step_ms_2))  # strong scaling
-    assert rows[1]["step ms"] == f"{step_ms_2:.2f}"
-    assert one["final_loss"] == pytest.approx(run_metrics(out / "n1")[-2]["loss"])
-
-    # Every rank profiled; the merged top list is the training step, not imports.
-    four = next(r for r in report["runs"] if r["world_size"] == 4)
-    profiles = sorted((out / "n4" / "profile").glob("rank*.prof"))
-    assert len(profiles) == four["profile_ranks"] == 4
-    assert all(pstats.Stats(str(p)).total_calls > 0 for p in profiles)
-    assert "_micro_steps" in {f["function"] for f in four["profile_top"]}
-    assert not any("importlib" in f["file"] for f in four["profile_top"])
-
-    # Slurm gave each job its own GPUs (CUDA_VISIBLE_DEVICES): only those are sampled and reported.
-    fake_util = {"0": 87.0, "1": 85.0, "2": 90.0, "3": 12.0}
-    for run in report["runs"]:
-        gpus = run["samples"]["node0"]["gpus"]
-        assert len(gpus) == run["world_size"]
-        assert all(gpu["util_pct"] == fake_util[index] for index, gpu in gpus.items())
-        assert sorted(run["samples"]["node0"]["ranks"]) == [str(rank) for rank in range(run["world_size"])]
-    index, gpu = sorted(two["samples"]["node0"]["gpus"].items())[0]
-    assert f"gpu{index} {gpu['util_pct']:.0f}% / {gpu['mem_peak_mib']:,.0f} of 81,559 MiB" in \
-        (report_dir / "report.md").read_text()
