@@ -27,6 +27,8 @@ import time
 
 from harness import REPO, spread
 
+from gptcore.cpus import usable_cpus
+
 # The wait settings compared: the environment each training runs with.
 SETTINGS = {
     "GOMP_SPINCOUNT=300000 (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from the names above")
     args = parser.parse_args()
     train_args, names = shlex.split(args.train), args.settings.split(",")
-    threads = len(os.sched_getaffinity(0))
+    threads = usable_cpus()
     times = {(name, where): [] for name in names for where in ("quiet", "beside")}
     for round_ in range(args.rounds):
         for name in (names if round_ % 2 == 0 else names[::-1]):

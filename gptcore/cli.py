@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gptcore.cluster.spinning import set_wait_policy
+from gptcore.cpus import usable_cpus
 from gptcore.errors import GptcoreError, UserInputError
 
 
@@ -62,10 +63,6 @@ def at_least(lowest: int, most: int | None = None, why: str = ""):
             raise argparse.ArgumentTypeError(f"must be at most {most:,} ({why}), got {value:,}")
         return value
     return parse
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Upper bounds of the numeric flags: what a command holds in memory grows with them.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptcore.cpus import usable_cpus
 from gptcore.telemetry.metrics import read_metrics
 
 # The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
@@ -41,8 +42,8 @@ def write_corpus(path: Path, chars: int = 60_000, seed: int = 0) -> Path:
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` starts one worker per CPU this process may use (its affinity), not per CPU of the node."""
-    return len(os.sched_getaffinity(0))
+    """`-n auto` starts one worker per CPU this process may use (affinity and quota), not per CPU of the node."""
+    return usable_cpus()
 
 
 def pytest_collection_modifyitems(items) -> None:

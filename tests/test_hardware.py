@@ -1,6 +1,8 @@
 """Device facts: dense peaks looked up by the exact name CUDA reports, MFU from them, and what a
 rank or a command is allowed to run on."""
 
+import os
+
 import pytest
 import torch
 
@@ -61,3 +63,20 @@ def test_int8_and_int4_files_are_refused_on_a_gpu_in_one_line():
     for mode in ("int8", "int4"):
         with pytest.raises(UserInputError, match=f"{mode} checkpoints run on the CPU"):
             resolve_device("cuda", mode)
+
+
+def test_the_usable_cpus_are_at_most_the_tightest_cgroup_quota_above_this_process(tmp_path):
+    from gptcore.cpus import cgroup_cpu_limit, usable_cpus
+
+    job = tmp_path / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # the root: no limit
+    (tmp_path / "slurm" / "cpu.max").write_text("400000 100000\n")  # 4 CPUs for all jobs
+    (job / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs for this one
+    assert cgroup_cpu_limit(tmp_path, "0::/slurm/job_7\n") == 1.5
+    (job / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path, "0::/slurm/job_7\n") == 4.0
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") is None  # the root has none
+    assert cgroup_cpu_limit(tmp_path, "12:cpu,cpuacct:/x\n") is None  # cgroup v1 only: not read
+    assert cgroup_cpu_limit(tmp_path / "absent", "0::/slurm/job_7\n") is None
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

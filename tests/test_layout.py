@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import REPO
 
 # Bottom to top: a part may import its own modules and those of the parts before it.
-LAYERS = ["errors", "files", "config", "models", "data", "cluster", "telemetry", "checkpointing", "inference",
+LAYERS = ["errors", "cpus", "files", "config", "models", "data", "cluster", "telemetry", "checkpointing", "inference",
           "formats", "training", "cli", "__main__"]
 
 

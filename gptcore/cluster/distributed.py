@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from gptcore import cpus
 from gptcore.errors import LostRanks, UserInputError
 
 
@@ -138,7 +139,7 @@ def thread_share(explicit: int, share_among: int, contract: RankContract, env=os
     node's CPUs over its tasks). So there are never more threads than cores unless asked for.
     share_among (train.cpu_ranks) divides as if that many ranks ran: a sweep sets its largest
     size, so that every size runs the same threads per rank."""
-    usable = usable_cpus or len(os.sched_getaffinity(0))
+    usable = usable_cpus or cpus.usable_cpus()
     node = node_cpus or os.cpu_count() or usable
     ranks = share_among or ranks_per_node(contract, env) or 1
     if explicit:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptcore.cpus import usable_cpus
 from gptcore.data.corpus import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
                           fetch_corpus, file_sha256, read_meta, text_vocabulary, token_dtype)
 from gptcore.errors import UserInputError
@@ -239,8 +240,8 @@ def split_point(total: int, document_ends: np.ndarray) -> int:
 
 
 def default_workers() -> int:
-    """The CPUs this job may use (its affinity mask: Slurm's --cpus-per-task)."""
-    return len(os.sched_getaffinity(0))
+    """The CPUs this job may use (its affinity mask, such as Slurm's --cpus-per-task, and its quota)."""
+    return usable_cpus()
 
 
 def prepare_corpus(paths: list[Path], out_dir: Path, clean: str = "none", vocab: list[str] | str | None = None,
