@@ -33,7 +33,8 @@ def full_val_loss(run_dir: Path) -> float:
 
     from gptcore.data.batches import Batches
     from gptcore.inference.generate import eval_data, load_model
-    from gptcore.training.train import autocast_dtype, evaluate_full
+    from gptcore.training.evaluation import evaluate_full
+    from gptcore.training.setup import autocast_dtype
 
     loaded = load_model(run_dir / "ckpt.pt", "cpu")
     with tempfile.TemporaryDirectory() as scratch:  # the run's data: beside it, or its named corpus

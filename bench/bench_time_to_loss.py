@@ -57,7 +57,8 @@ def run_one(args) -> dict:
 
     from gptcore.config import load_config
     from gptcore.telemetry.profiling import PhaseTimer
-    from gptcore.training.train import Trainer, evaluate_full
+    from gptcore.training.evaluation import evaluate_full
+    from gptcore.training.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.preset, json.loads(args.overrides) + [
@@ -144,7 +145,7 @@ def block_cost(preset: str, rounds: int) -> list[str]:
 
     from gptcore.config import load_config
     from gptcore.models.gpt import GPT
-    from gptcore.training.train import autocast_dtype
+    from gptcore.training.setup import autocast_dtype
 
     config = load_config(preset, [])
     options = {"gpt2": [], "rotary": ["model.position=rotary"], "qk_norm": ["model.qk_norm=true"],

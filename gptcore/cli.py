@@ -112,7 +112,8 @@ def cmd_train(args) -> None:
 
         config = load_config(args.config, args.overrides)  # before torch is imported: a typo fails at once
         from gptcore.data.corpus import bits_unit
-        from gptcore.training.train import Trainer, format_eta
+        from gptcore.telemetry.loop import format_eta
+        from gptcore.training.train import Trainer
 
         started = time.monotonic()
         trainer = Trainer(config)

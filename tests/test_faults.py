@@ -537,4 +537,4 @@ def test_a_rank_stopped_by_sigstop_makes_the_other_say_where_it_waited(tmp_path,
                           "(step 150) is kept")
     assert waited < 60
     text = stack.read_text()
-    assert "Thread" in text and ("_micro_steps" in text or "_log_window" in text), text
+    assert "Thread" in text and ("in train_step" in text or "in window" in text), text

@@ -38,10 +38,10 @@ def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
     assert [f.name for f in files] == ["rank0.prof", "rank1.prof"]
     for f in files:
         assert pstats.Stats(str(f)).total_calls > 0
-        assert "_micro_steps" in f.with_suffix(".txt").read_text()
+        assert "train_step" in f.with_suffix(".txt").read_text()
     top = top_functions(merged_profile(files), 25)
     names = {row["function"] for row in top}
-    assert {"_micro_steps", "backward", "forward"} <= names
+    assert {"train_step", "backward", "forward"} <= names
     # Profiling starts after set-up: no import machinery at the top, no evaluation, no sampling thread.
     assert not any("importlib" in row["file"] for row in top)
     assert not any(name in ("evaluate", "_run", "sample") for _, _, name in merged_profile(files).stats)

@@ -390,7 +390,7 @@ def test_slurm_sweep_one_two_four(tmp_path, corpus, fake_gpus):
     profiles = sorted((out / "n4" / "profile").glob("rank*.prof"))
     assert len(profiles) == four["profile_ranks"] == 4
     assert all(pstats.Stats(str(p)).total_calls > 0 for p in profiles)
-    assert "_micro_steps" in {f["function"] for f in four["profile_top"]}
+    assert "train_step" in {f["function"] for f in four["profile_top"]}
     assert not any("importlib" in f["file"] for f in four["profile_top"])
 
     # Slurm gave each job its own GPUs (CUDA_VISIBLE_DEVICES): only those are sampled and reported.
