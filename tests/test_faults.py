@@ -147,6 +147,31 @@ def test_a_fresh_run_moves_an_earlier_runs_files_aside_instead_of_appending(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_eval_reads_whole_checkpoints_while_a_training_keeps_replacing_them(tmp_path, corpus, capsys, parallel):
+    """A training replaces its checkpoint every 5 steps (ddp: a new file renamed over ckpt.pt; fsdp: a
+    new ckpt-N/ directory, then the older one removed) while eval reads it again and again: every
+    read is of one whole checkpoint, never a mix or a vanished one called damaged."""
+    run_dir = tmp_path / "run"
+    training = start("train", *TINY, f"out_dir={run_dir}", f"data.path={corpus}", "train.max_iters=1000000",
+                     "train.ckpt_interval=5", "train.log_interval=50", "train.eval_interval=1000000",
+                     f"train.parallel={parallel}", "profile.sampler=false")
+    target = run_dir if parallel == "fsdp" else run_dir / "ckpt.pt"
+    losses = []
+    try:
+        read_until(training, "step 50/")
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            result = gptcore_here(capsys, "eval", "--ckpt", target, "--batches", "1", "--batch-size", "4", "--json")
+            assert result.returncode == 0 and not result.stderr, result.stderr
+            losses.append(json.loads(result.stdout)["val_loss"])
+        assert training.poll() is None, training.stderr.read()  # it trained on throughout
+    finally:
+        training.kill()
+        training.wait()
+    assert len(losses) >= 5 and len(set(losses)) >= 3, losses  # several checkpoints read, each whole
+
+
 def test_temporary_files_left_by_a_killed_save_are_removed_at_start(tmp_path, corpus):
     run_dir = tmp_path / "killed"
     assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run_dir}", "train.stop_at=10").returncode == 0

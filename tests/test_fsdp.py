@@ -179,7 +179,7 @@ class RunsCode:
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path):
+def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path, corpus):
     root, _ = runs
     # DDP's run directory resumed as fsdp, and an fsdp one as ddp: one line each, nothing written.
     refused = run_gptcore("train", *TINY, f"out_dir={root / 'ddp'}", "train.parallel=fsdp", "resume=auto")
@@ -203,3 +203,13 @@ def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path):
     refused = run_gptcore("export", "--ckpt", copy, "--out", tmp_path / "whole.pt")
     assert_one_line_error(refused, 2, "names files that are not its shards", "../../../etc/passwd")
     assert not (tmp_path / "whole.pt").exists()
+    # A shard cut short (a copy that stopped half-way): one line for a reader, and for a resume.
+    cut = tmp_path / "cut"
+    shutil.copytree(root / "fsdp", cut)
+    shard = cut / "ckpt-00000020" / "__1_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+    refused = run_gptcore("eval", "--ckpt", cut, "--batches", "1")
+    assert_one_line_error(refused, 2, f"checkpoint {cut / 'ckpt-00000020'} is damaged or incomplete")
+    refused = run_gptcore("train", *TINY, f"out_dir={cut}", f"data.path={corpus}", "train.parallel=fsdp", "resume=auto",
+                          "train.max_iters=30")
+    assert_one_line_error(refused, 2, f"checkpoint {cut / 'ckpt-00000020'} is damaged")

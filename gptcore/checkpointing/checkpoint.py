@@ -14,6 +14,7 @@ gathered into the file, so a resumed run draws the same dropout masks on every r
 from __future__ import annotations
 
 import errno
+import os
 import re
 import threading
 import zipfile
@@ -36,17 +37,17 @@ def save(state: dict, path: Path) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def damaged_record(path: Path) -> str | None:
-    """What is wrong with a checkpoint's archive, or None: a record whose bytes do not match
-    their CRC-32, or a compressed one (torch.save stores records as they are; a compressed record
-    could unpack to any size).
+def damaged_record(source) -> str | None:
+    """What is wrong with a checkpoint's archive (a path or an open file), or None: a record whose bytes do
+    not match their CRC-32, or a compressed one (torch.save stores records as they are; a
+    compressed record could unpack to any size).
 
     torch.save writes a zip archive with a CRC-32 of every record, the pickled header as well as
     each tensor's bytes, but torch.load never checks them: a file damaged on disk or in transfer
     (flipped bytes) loads silently. Checking them costs the save nothing. It is no defence
     against someone who rewrites the file, CRCs included: the loaders' own checks of names,
     shapes and values are."""
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(source) as archive:
         packed = next((info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED), None)
         if packed:
             return f"{packed} is compressed, which torch.save never does"
@@ -56,27 +57,40 @@ def damaged_record(path: Path) -> str | None:
 
 def read_archive(path: Path) -> object:
     """What torch.save wrote to path, read without running pickle code, or one clear
-    UserInputError (missing, truncated, damaged, or wanting to run code)."""
+    UserInputError (missing, truncated, damaged, or wanting to run code). The file is opened
+    once: a training that replaces it meanwhile (a rename) leaves this read on the file it opened,
+    so the bytes checked are the bytes loaded."""
     path = Path(path)
     if path.is_dir():
         raise UserInputError(f"{path} is a directory{foreign_directory(path)}")
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {path} does not exist; train a model first or check the path")
+    missing = f"checkpoint {path} does not exist; train a model first or check the path"
+    if not path.is_file():  # nor a FIFO or a device, which open() would wait on or read without end
+        raise UserInputError(missing)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise UserInputError(missing) from None
+    with handle:
+        return read_open_archive(handle, path)
+
+
+def read_open_archive(handle, path: Path) -> object:
     unreadable = ("checkpoint {path} cannot be read (truncated, corrupt or not a gptcore checkpoint: {reason}); "
                   "use another checkpoint or retrain")
-    if is_safetensors(path):
+    if is_safetensors(handle):
         raise UserInputError(f"{path} is a safetensors file, which holds weights without a model config or "
                              "vocabulary; gptcore reads gptcore checkpoints (for a Hugging Face export, load its "
                              "directory with transformers)")
     try:
-        damaged = damaged_record(path)
+        damaged = damaged_record(handle)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # torch.save writes zip archives only
         raise UserInputError(unreadable.format(path=path, reason=str(err)[:160] or type(err).__name__)) from None
     if damaged:
         raise UserInputError(f"checkpoint {path} fails its integrity check ({damaged}): the file is damaged; "
                              "use another checkpoint or retrain")
+    handle.seek(0)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
         text = str(err).strip()
         unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
@@ -88,11 +102,12 @@ def read_archive(path: Path) -> object:
         raise UserInputError(unreadable.format(path=path, reason=reason)) from None
 
 
-def is_safetensors(path: Path) -> bool:
+def is_safetensors(handle) -> bool:
     """safetensors files start with the 8-byte length of a JSON header, which opens with '{'."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+    handle.seek(0)
+    head = handle.read(9)
+    size = os.fstat(handle.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size
 
 
 def foreign_directory(path: Path) -> str:

@@ -18,6 +18,8 @@ from gptcore.errors import UserInputError
 
 SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
 WRITE_ERRORS = (OSError, CheckpointException)  # a failed write: a local one, or any rank's, gathered by DCP
+# A failed read: DCP gathers its errors into a CheckpointException, which is a BaseException.
+READ_ERRORS = (Exception, CheckpointException)
 
 
 class MetadataUnpickler(pickle.Unpickler):

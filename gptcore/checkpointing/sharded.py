@@ -35,6 +35,7 @@ from gptcore.models.optim import make_optimizer
 FORMAT = "gptcore-sharded-checkpoint"
 RUN_FILE = "run.pt"
 NAME = re.compile(r"ckpt-(\d{8})")
+READ_ATTEMPTS = 3  # reads of a run's newest checkpoint while a training keeps replacing it
 
 
 def directory_name(step: int) -> str:
@@ -66,17 +67,35 @@ def read_run(directory: Path) -> dict:
 def consolidate(path: Path) -> dict:
     """A sharded checkpoint (its directory, or the run directory that holds it) as the state of a
     single-file checkpoint, optimizer included, in this one process: `gptcore export` writes it,
-    sample / eval / quantize read it."""
-    directory = checkpoint_directory(path)
-    if directory is None:
-        raise UserInputError(f"{path} holds no sharded checkpoint (ckpt-NNNNNNNN/); pass a run directory of a "
-                             "train.parallel=fsdp run")
+    sample / eval / quantize read it. A training that writes a newer checkpoint meanwhile removes
+    the one being read; given the run directory, the newest is then read instead."""
+    for attempt in range(READ_ATTEMPTS):
+        directory = checkpoint_directory(path)
+        if directory is None and attempt:
+            raise UserInputError(f"{path} was removed while it was read: a training replaced it with a newer "
+                                 "checkpoint; pass the run directory to read its newest")
+        if directory is None:
+            raise UserInputError(f"{path} holds no sharded checkpoint (ckpt-NNNNNNNN/); pass a run directory of a "
+                                 "train.parallel=fsdp run")
+        try:
+            return read_sharded(directory)
+        except (UserInputError, OSError) as err:
+            if directory.is_dir():  # still there: the checkpoint itself is at fault
+                if isinstance(err, OSError):
+                    raise UserInputError(f"checkpoint {directory} cannot be read ({checkpoint.one_line(err, 160)})") \
+                        from None
+                raise
+    raise UserInputError(f"the newest checkpoint in {path} was replaced {READ_ATTEMPTS} times while it was read; "
+                         "read it once the training has stopped, or copy a checkpoint elsewhere first")
+
+
+def read_sharded(directory: Path) -> dict:
     run = read_run(directory)
     config = config_from_dict(run["config"], f"the config in {directory}")
     # A header may not describe a model larger than its shards (refused before anything is built).
     shards = sum(part.stat().st_size for part in directory.glob("*.distcp"))
     checkpoint.check_header_fits_file(config, "fp32", shards, directory)
-    from gptcore.checkpointing.dcp_io import load_shards
+    from gptcore.checkpointing.dcp_io import READ_ERRORS, load_shards
 
     try:
         model = GPT(config.model, init_weights=False)
@@ -86,7 +105,7 @@ def consolidate(path: Path) -> dict:
             load_shards(directory, model, optimizer, no_dist=True)
     except UserInputError:
         raise
-    except Exception as err:  # DCP raises its own exception types for missing or mismatched shards
+    except READ_ERRORS as err:  # DCP raises its own exception types for missing or mismatched shards
         raise UserInputError(f"checkpoint {directory} is damaged or incomplete ({str(err).splitlines()[0][:160]}); "
                              "use another checkpoint or retrain") from None
     return {**run, "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -119,7 +138,7 @@ class ShardedCheckpointer:
         return "no checkpoint was written" if self.saved_step is None else f"{self.path} (step {self.saved_step}) is kept"
 
     def restore(self, state: dict, model: torch.nn.Module, optimizer, data) -> tuple[int, float]:
-        from gptcore.checkpointing.dcp_io import load_shards
+        from gptcore.checkpointing.dcp_io import READ_ERRORS, load_shards
 
         try:
             step, best = int(state["step"]), float(state["best_val_loss"])
@@ -128,7 +147,7 @@ class ShardedCheckpointer:
             checkpoint.restore_rng_state(state["rng"], self.rank, self.device)
         except UserInputError:
             raise
-        except Exception as err:  # DCP raises CheckpointException for missing or mismatched shards
+        except READ_ERRORS as err:  # DCP raises CheckpointException for missing or mismatched shards
             raise UserInputError(f"checkpoint {self.path} is damaged or from another version "
                                  f"({str(err).splitlines()[0][:160]}); use another checkpoint or retrain") from None
         self.saved_step = step
