@@ -66,25 +66,27 @@ def end_all(launcher: subprocess.Popen, ranks: list[psutil.Process]) -> None:
     launcher.wait(timeout=10)
 
 
-@pytest.mark.parametrize("parallel,seed", [("ddp", 1), ("fsdp", 5), ("ddp", 0)])  # at 1.0, 3.8 and 5.1 s
-def test_a_sigterm_to_torchruns_group_at_a_random_moment_ends_every_rank(parallel, seed, tmp_path, corpus):
-    """What `scancel` does to a torchrun job: SIGTERM to every process, torchrun included, at a
-    moment drawn from the seed (set-up or training). Every rank is gone within seconds, and a
-    checkpoint, where one was written, loads."""
+# SIGTERM at 1.0, 3.8 and 5.1 s; SIGINT (Ctrl-C at the terminal that runs torchrun) at 5.7 s.
+@pytest.mark.parametrize("parallel,seed,signum", [("ddp", 1, signal.SIGTERM), ("fsdp", 5, signal.SIGTERM),
+                                                  ("ddp", 0, signal.SIGTERM), ("fsdp", 2, signal.SIGINT)])
+def test_a_signal_to_torchruns_group_at_a_random_moment_ends_every_rank(parallel, seed, signum, tmp_path, corpus):
+    """What `scancel` (SIGTERM) or a Ctrl-C (SIGINT) does to a torchrun job: the signal to every
+    process of torchrun's group at a moment drawn from the seed (set-up or training). Every rank
+    is gone within seconds, and a checkpoint, where one was written, loads."""
     launcher, ranks = torchrun(tmp_path / "run", corpus, f"train.parallel={parallel}"), []
     try:
         ranks = wait_until(lambda: ranks_of(launcher) if len(ranks_of(launcher)) == 2 else None, 30, "two ranks")
         time.sleep(random.Random(seed).uniform(0.2, 6.0))
-        os.killpg(launcher.pid, signal.SIGTERM)  # torchrun's group: its ranks each lead a session of their own
+        os.killpg(launcher.pid, signum)  # torchrun's group: its ranks each lead a session of their own
         signalled = time.monotonic()
-        wait_until(lambda: not alive(ranks) and launcher.poll() is not None, 25, "every rank to end after SIGTERM")
+        wait_until(lambda: not alive(ranks) and launcher.poll() is not None, 25, "every rank to end after the signal")
         took = time.monotonic() - signalled
         output = launcher.communicate(timeout=10)[0]
     finally:
         end_all(launcher, ranks)
     assert took < 25, output
-    # torchrun's agent ends a SIGTERM with its own traceback after its ranks exit (the README says
-    # so); the ranks print none.
+    # torchrun's agent ends a signal with its own traceback after its ranks exit (the README says
+    # so); the ranks print none. The agent passes a SIGINT on to its ranks as a SIGTERM.
     assert output.count("Traceback") == output.count("api.SignalException: Process"), output[-3000:]
     run_dir = tmp_path / "run"
     saved = (run_dir / "ckpt.pt").exists() or any(run_dir.glob("ckpt-*"))  # ddp: a file; fsdp: shards
@@ -136,3 +138,27 @@ def test_a_rank_stuck_in_its_rendezvous_ends_soon_after_a_signal(tmp_path, corpu
     assert "rank 0 stopped during set-up: SIGTERM arrived" in err and "nothing was trained" in err, err
     assert took < 20, took  # the grace (12 s), well before the 24 s timeout
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])  # at 3.5, 1.4 and 3.9 s after start
+def test_a_sigterm_to_a_one_rank_sharded_run_saving_every_other_step_leaves_a_whole_checkpoint(seed, tmp_path,
+                                                                                             corpus):
+    """train.parallel=fsdp on one rank, a sharded save every 2 steps: a SIGTERM at a seeded moment
+    lands in set-up, in a step or in a save. The process ends with exit 0 within seconds, at a step
+    whose checkpoint is the newest, loads, and has no temporary directory left beside it."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "gptcore", "train", *TINY, f"data.path={corpus}",
+                                f"out_dir={run_dir}", "train.parallel=fsdp", "train.ckpt_interval=2"],
+                               cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(random.Random(seed).uniform(1.0, 4.0))
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, (process.returncode, err)
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)/", out).group(1))
+    assert open_checkpoint(run_dir)["step"] == step and sorted(p.name for p in run_dir.glob("*ckpt-*")) == [
+        f"ckpt-{step:08d}"]
+
