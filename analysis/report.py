@@ -32,7 +32,7 @@ from gptcore.cluster.parallel import STRATEGIES
 from gptcore.cluster.spinning import SHARED_NODE_PCT
 from gptcore.errors import GptcoreError, UserInputError
 from gptcore.files import atomic_write_bytes
-from gptcore.telemetry.sampler import summarize_samples
+from gptcore.telemetry.sampler import describe_cost, shared_node_load, summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
 MIN_WINDOWS = 5  # timed windows after warm-up, all repeats together
@@ -133,6 +133,7 @@ def describe_size(runs: list[Run], warmup_fraction: float) -> dict:
         "sampled": bool(nodes),
         "samples": samples,
         "others_cpu_pct": max(others) if others else None,
+        "shared_cost": shared_node_load(first.steps, first.samples.get("node0", [])),
         "threads": start.get("threads"),
         "node_cpus": start.get("node_cpus"),
         "dtype": start.get("dtype"),
@@ -156,8 +157,9 @@ def data_flags(row: dict) -> list[dict]:
     if thin:  # one flag per kind, so that the table names each once
         found.append({"kind": "thin", "text": " and ".join(thin), "fix": "; ".join(fixes)})
     if row["others_cpu_pct"] is not None and row["others_cpu_pct"] > SHARED_NODE_PCT:
+        cost = f" ({describe_cost(row['shared_cost'])})" if row.get("shared_cost") else ""
         found.append({"kind": "shared", "text": f"node shared: other processes used {row['others_cpu_pct']:.0f}% of "
-                      "its CPU while this size ran",
+                      f"its CPU while this size ran{cost}",
                       "fix": "rerun on a quiet node (or an exclusive allocation), with --repeats to see the spread"})
     threads, cores, ranks = row["threads"], row["node_cpus"], row["ranks_per_node"]
     if threads and cores and threads * ranks > cores:

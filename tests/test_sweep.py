@@ -81,6 +81,8 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     text = (out / "report" / "report.md").read_text()
     assert "No conclusion is drawn from these numbers: " in text  # at 1 rank too where the node was busy
     assert "at 2 rank(s), node shared: other processes used" in text
+    shared = next(flag["text"] for flag in two["flags"] if flag["kind"] == "shared")  # and what it cost the size
+    assert "its steps took" in shared or "no logged window ran without them" in shared, shared
     assert "lost time goes" not in text and "competed for cores" not in text
 
 

@@ -236,12 +236,12 @@ def summarize_samples(samples: list[dict]) -> dict:
     return summary
 
 
-def shared_node_cost(steps: list[dict], samples: list[dict]) -> str | None:
-    """What other processes on the node cost a training session, as one line; None when they took
-    at most SHARED_NODE_PCT of it. STEPS are the session's logged step records (step, time,
-    ms_per_step), SAMPLES its node's hardware samples. Each logged window is quiet or shared by
-    the samples taken during it; the quiet windows' median ms/step, over every step, is the time
-    the session would have taken alone."""
+def shared_node_load(steps: list[dict], samples: list[dict]) -> dict | None:
+    """What other processes on the node cost a training session; None when they took at most
+    SHARED_NODE_PCT of it. STEPS are the session's logged step records (step, time, ms_per_step),
+    SAMPLES its node's hardware samples. Each logged window is quiet or shared by the samples taken
+    during it; the quiet windows' median ms/step, over every step, is the time the session would
+    have taken alone (None where no window was quiet)."""
     windows, before = [], None
     for record in steps:
         if before is not None:
@@ -252,12 +252,26 @@ def shared_node_cost(steps: list[dict], samples: list[dict]) -> str | None:
     others = [s["others_cpu_pct"] for s in samples if steps and steps[0]["time"] < s["time"] <= steps[-1]["time"]]
     if not windows or statistics.median(others) <= SHARED_NODE_PCT:
         return None
-    line = (f"shared node: other processes used {statistics.median(others):.0f}% of its CPU while this run trained "
-            f"(median of {len(others)} samples)")
     quiet = [ms for _, ms, load in windows if load <= SHARED_NODE_PCT]
-    if not quiet:
-        return line + "; no logged window ran without them, so what they cost is not known"
     took = sum(count * ms for count, ms, _ in windows) / 1000
-    alone = statistics.median(quiet) * sum(count for count, _, _ in windows) / 1000
-    return (line + f": its steps took {took:.0f} s, about {alone:.0f} s at the {statistics.median(quiet):.0f} ms/step "
-            f"of its {len(quiet)} quiet window(s) ({took / alone:.1f}x)")
+    alone = statistics.median(quiet) * sum(count for count, _, _ in windows) / 1000 if quiet else None
+    return {"others_pct": statistics.median(others), "samples": len(others), "took_s": took, "alone_s": alone,
+            "quiet_ms": statistics.median(quiet) if quiet else None, "quiet_windows": len(quiet)}
+
+
+def describe_cost(load: dict) -> str:
+    """What a shared node cost (shared_node_load), after the share itself."""
+    if load["alone_s"] is None:
+        return "no logged window ran without them, so what they cost is not known"
+    return (f"its steps took {load['took_s']:.0f} s, about {load['alone_s']:.0f} s at the {load['quiet_ms']:.0f} "
+            f"ms/step of its {load['quiet_windows']} quiet window(s) ({load['took_s'] / load['alone_s']:.1f}x)")
+
+
+def shared_node_cost(steps: list[dict], samples: list[dict]) -> str | None:
+    """shared_node_load as the line a training ends with."""
+    load = shared_node_load(steps, samples)
+    if load is None:
+        return None
+    line = (f"shared node: other processes used {load['others_pct']:.0f}% of its CPU while this run trained "
+            f"(median of {load['samples']} samples)")
+    return line + ("; " if load["alone_s"] is None else ": ") + describe_cost(load)
