@@ -210,14 +210,13 @@ def cmd_sample(args) -> None:
         elif args.weights == "auto" and not args.no_cache and not args.compile:
             loaded = fastest_form(loaded, state)
         else:
-            loaded = replace(loaded, runs_as=f"{loaded.kind} kernels")
+            loaded = replace(loaded, weights="quantized", runs_as=f"{loaded.kind} kernels")
     text, speed = generate_text(loaded, args.prompt, args.tokens, args.temperature, args.top_k or None,
                                 seed, use_cache=not args.no_cache, compile=args.compile)
     print(text)
     kind = f"{loaded.kind} ({loaded.runs_as})" if loaded.runs_as else loaded.kind
     # The two forms round differently, so a repeat names the one that ran.
-    repeat_form = f" --weights {'fp32' if loaded.runs_as.startswith('weights in fp32') else 'quantized'}" \
-        if loaded.runs_as else ""
+    repeat_form = f" --weights {loaded.weights}" if loaded.weights else ""
     print(f"[{args.tokens} tokens at {speed:.1f} tokens/s on {loaded.device}, {kind}, "
           f"{'no cache' if args.no_cache else 'KV cache'}{', compiled' if args.compile else ''}; "
           f"--seed {seed}{repeat_form} repeats it]", file=sys.stderr)

@@ -226,7 +226,7 @@ def test_quantized_weights_in_fp32_compute_what_the_kernels_compute(quantized):
         chosen = fastest_form(loaded, state)
         assert chosen.kind == mode and chosen.runs_as.startswith(("weights in fp32", f"{mode} kernels")), chosen.runs_as
         in_fp32 = isinstance(chosen.model.transformer.h[0].mlp.c_fc, torch.nn.Linear)
-        assert in_fp32 == chosen.runs_as.startswith("weights in fp32")
+        assert in_fp32 == chosen.runs_as.startswith("weights in fp32") == (chosen.weights == "fp32")
         # Asked for by name, each form is what runs, and the line says how to repeat it.
         for form, says in (("fp32", "weights in fp32"), ("quantized", f"{mode} kernels")):
             sampled = run_gptcore("sample", "--ckpt", quantized[mode][0], "--prompt", "The ", "--tokens", "20",

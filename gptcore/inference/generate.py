@@ -37,7 +37,8 @@ class LoadedModel:
     kind: str  # "fp32" or a quantization mode
     device: torch.device
     path: Path | None = None  # the checkpoint file it came from
-    runs_as: str = ""  # int8/int4 under `sample`: by its kernels or its weights in fp32, and why
+    weights: str = ""  # int8/int4 under `sample`: "quantized" (its kernels) or "fp32" (dequantized once)
+    runs_as: str = ""  # the same in words, and why
 
 
 def resolve_device(choice: str, kind: str) -> torch.device:
@@ -96,7 +97,7 @@ def load_model(ckpt_path: Path, device: str = "auto", state: dict | None = None)
 
 def in_fp32(loaded: LoadedModel, state: dict) -> LoadedModel:
     """An int8/int4 model computing with its weights dequantized to fp32 once, at load."""
-    return replace(loaded, model=dequantized_model(state, loaded.config), runs_as="weights in fp32")
+    return replace(loaded, model=dequantized_model(state, loaded.config), weights="fp32", runs_as="weights in fp32")
 
 
 def fastest_form(loaded: LoadedModel, state: dict) -> LoadedModel:
@@ -117,7 +118,8 @@ def fastest_form(loaded: LoadedModel, state: dict) -> LoadedModel:
     if best["fp32"] > best["kernels"]:
         return replace(forms["fp32"], runs_as=f"weights in fp32, {best['fp32'] / best['kernels']:.1f}x its "
                                               f"{loaded.kind} kernels here")
-    return replace(loaded, runs_as=f"{loaded.kind} kernels, {best['kernels'] / best['fp32']:.1f}x fp32 here")
+    return replace(loaded, weights="quantized",
+                   runs_as=f"{loaded.kind} kernels, {best['kernels'] / best['fp32']:.1f}x fp32 here")
 
 
 def timed_generate(loaded: LoadedModel, idx: torch.Tensor, tokens: int, seed: int, temperature: float,
