@@ -65,7 +65,9 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
         started = subprocess.run(["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
                                  capture_output=True, text=True, timeout=10)
         burner = psutil.Process(int(started.stdout))
+        burner.cpu_percent(None)  # from here on: what it takes while the 2-rank size runs
         stdout, stderr = process.communicate(timeout=180)
+        burned = burner.cpu_percent(None) / psutil.cpu_count()  # % of the node, averaged over those seconds
     finally:
         process.kill()
         if burner is not None:
@@ -73,9 +75,9 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     assert process.returncode == 0, stdout + stderr
     report = json.loads((out / "report" / "report.json").read_text())
     one, two = report["runs"]
-    # The burner is measured as others' load at 2 ranks on top of what else the node ran at both
-    # sizes (nothing, on a quiet machine; another test beside this one, or a busy node).
-    assert two["others_cpu_pct"] > one["others_cpu_pct"] + 10, (one["others_cpu_pct"], two["others_cpu_pct"])
+    # Others' load at 2 ranks holds at least what the burner took meanwhile (and whatever else the
+    # node ran: another test beside this one, or a busy node, which may also hold the burner back).
+    assert burned > 20 and two["others_cpu_pct"] > burned - 10, (burned, two["others_cpu_pct"])
     for run in (one, two):  # a size is flagged shared exactly when others took over 10% of its node
         assert ("shared" in [flag["kind"] for flag in run["flags"]]) == (run["others_cpu_pct"] > SHARED_NODE_PCT), run
     text = (out / "report" / "report.md").read_text()
