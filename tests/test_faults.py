@@ -172,6 +172,7 @@ def test_eval_reads_whole_checkpoints_while_a_training_keeps_replacing_them(tmp_
     assert len(losses) >= 5 and len(set(losses)) >= 3, losses  # several checkpoints read, each whole
 
 
+@pytest.mark.slow
 def test_temporary_files_left_by_a_killed_save_are_removed_at_start(tmp_path, corpus):
     run_dir = tmp_path / "killed"
     assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run_dir}", "train.stop_at=10").returncode == 0
