@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import (REPO, assert_one_line_error, job_info, run_metrics, run_gptcore, sacct, slurm_command,
@@ -162,6 +163,18 @@ def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tm
     assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
 
 
+def sruns_of(job: str) -> list[psutil.Process]:
+    """This job's srun processes (on any node: the nodes share this machine's process table)."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] == "srun" and process.environ().get("SLURM_JOB_ID") == job:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluster, corpus, tmp_path):
     run_dir = tmp_path / "run"
     job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
@@ -173,6 +186,10 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
             os.kill(int(pid), signal.SIGKILL)
         # slurmctld stops hearing from node2, sets it DOWN and requeues the job (sbatch --requeue).
         wait_until(lambda: job_info(cluster.env, job)["JobState"] in {"PENDING", "REQUEUED"}, 60, "a requeue")
+        # The first run's srun keeps trying to end its step on node2 for up to KillWait; the rerun's
+        # step has the same id (JOB.0 again), so node2 returns once that srun is gone, as a
+        # rebooted node would, much later, on a real cluster.
+        wait_until(lambda: not sruns_of(job), 60, "the first run's srun to exit")
     finally:
         subprocess.run([*SCRIPT, "start", "--nodes", "2"], cwd=REPO, capture_output=True, timeout=120, check=True)
     assert wait_until_ended(cluster.env, job, 120) == "COMPLETED", cluster.log(job)

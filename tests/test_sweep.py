@@ -77,7 +77,7 @@ def test_a_size_run_beside_other_load_is_flagged_and_nothing_is_concluded_from_i
     one, two = report["runs"]
     # Others' load at 2 ranks holds at least what the burner took meanwhile (and whatever else the
     # node ran: another test beside this one, or a busy node, which may also hold the burner back).
-    assert burned > 20 and two["others_cpu_pct"] > burned - 10, (burned, two["others_cpu_pct"])
+    assert burned > 5 and two["others_cpu_pct"] > burned - 8, (burned, two["others_cpu_pct"])
     for run in (one, two):  # a size is flagged shared exactly when others took over 10% of its node
         assert ("shared" in [flag["kind"] for flag in run["flags"]]) == (run["others_cpu_pct"] > SHARED_NODE_PCT), run
     text = (out / "report" / "report.md").read_text()
