@@ -179,7 +179,7 @@ class RunsCode:
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path, corpus):
+def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path):
     root, _ = runs
     # DDP's run directory resumed as fsdp, and an fsdp one as ddp: one line each, nothing written.
     refused = run_gptcore("train", *TINY, f"out_dir={root / 'ddp'}", "train.parallel=fsdp", "resume=auto")
@@ -203,7 +203,12 @@ def test_sharded_checkpoints_refuse_what_they_cannot_be(runs, tmp_path, corpus):
     refused = run_gptcore("export", "--ckpt", copy, "--out", tmp_path / "whole.pt")
     assert_one_line_error(refused, 2, "names files that are not its shards", "../../../etc/passwd")
     assert not (tmp_path / "whole.pt").exists()
-    # A shard cut short (a copy that stopped half-way): one line for a reader, and for a resume.
+
+
+@pytest.mark.slow
+def test_a_shard_cut_short_is_one_line_for_a_reader_and_for_a_resume(runs, tmp_path, corpus):
+    """A copy of a sharded run that stopped half-way through a shard file."""
+    root, _ = runs
     cut = tmp_path / "cut"
     shutil.copytree(root / "fsdp", cut)
     shard = cut / "ckpt-00000020" / "__1_0.distcp"

@@ -17,6 +17,7 @@ weights_only). This module finds checkpoints and describes runs without importin
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import warnings
@@ -35,7 +36,7 @@ from gptcore.models.optim import make_optimizer
 FORMAT = "gptcore-sharded-checkpoint"
 RUN_FILE = "run.pt"
 NAME = re.compile(r"ckpt-(\d{8})")
-READ_ATTEMPTS = 3  # reads of a run's newest checkpoint while a training keeps replacing it
+READ_ATTEMPTS = 5  # reads of a run's newest checkpoint while a training keeps replacing it
 
 
 def directory_name(step: int) -> str:
@@ -77,16 +78,26 @@ def consolidate(path: Path) -> dict:
         if directory is None:
             raise UserInputError(f"{path} holds no sharded checkpoint (ckpt-NNNNNNNN/); pass a run directory of a "
                                  "train.parallel=fsdp run")
+        files = files_in(directory)
         try:
             return read_sharded(directory)
         except (UserInputError, OSError) as err:
-            if directory.is_dir():  # still there: the checkpoint itself is at fault
+            # A training removes an older checkpoint file by file once a newer one has its name.
+            replaced = files_in(directory) != files or (directory != Path(path) and newest(path) != directory)
+            if not replaced:  # the checkpoint itself is at fault
                 if isinstance(err, OSError):
                     raise UserInputError(f"checkpoint {directory} cannot be read ({checkpoint.one_line(err, 160)})") \
                         from None
                 raise
     raise UserInputError(f"the newest checkpoint in {path} was replaced {READ_ATTEMPTS} times while it was read; "
                          "read it once the training has stopped, or copy a checkpoint elsewhere first")
+
+
+def files_in(directory: Path) -> set[str]:
+    try:
+        return {entry.name for entry in os.scandir(directory)}
+    except OSError:
+        return set()
 
 
 def read_sharded(directory: Path) -> dict:
