@@ -295,10 +295,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class LaggedVote:
-    """Whether any rank raised a flag, agreed one call late so that the training loop never waits
-    for it: each call collects the all-reduce that the previous call started, which ran in gloo's
-    background thread during the step, and starts the next. The vote travels on CPU tensors over
-    gloo (a separate gloo group when the training group is NCCL), so it never syncs the GPU."""
+    """The highest value any rank voted (0: no rank raised anything), agreed one call late so that
+    the training loop never waits for it: each call collects the all-reduce that the previous call
+    started, which ran in gloo's background thread during the step, and starts the next. The vote
+    travels on CPU tensors over gloo (a separate gloo group when the training group is NCCL), so it
+    never syncs the GPU."""
 
     def __init__(self):
         self.group = None
@@ -306,21 +307,21 @@ class LaggedVote:
             self.group = dist.new_group(backend="gloo")  # collective: every rank creates it
         self.pending = None
 
-    def __call__(self, flag: bool) -> bool:
+    def __call__(self, vote: int) -> int:
         if not is_initialized():
-            return flag
+            return vote
         agreed = self._collect()
-        value = torch.tensor([int(flag)], dtype=torch.int32)
+        value = torch.tensor([int(vote)], dtype=torch.int32)
         self.pending = (dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group, async_op=True), value)
         return agreed
 
-    def _collect(self) -> bool:
+    def _collect(self) -> int:
         if self.pending is None:
-            return False
+            return 0
         work, value = self.pending
         work.wait()
         self.pending = None
-        return bool(value.item())
+        return int(value.item())
 
     def close(self) -> None:
         """Wait for the vote in flight, in this thread (see barrier() for why it matters)."""

@@ -37,6 +37,10 @@ REQUEUEING = ("SIGUSR1", "SIGUSR2")
 GRACE_S = 30.0  # a signalled set-up that has not reached the loop by then is ended (Slurm's KillWait)
 LAUNCHER_GONE = "its launcher's exit"  # FLAG.name when torchrun's agent died under a rank
 SIGNALS = tuple(getattr(signal, name) for name in (*REQUEUEING, "SIGTERM") if hasattr(signal, name))
+# Why a training stops, numbered for the ranks' vote, which takes the highest: a requeueing
+# signal wins, so that every rank names the same reason and the job is requeued whichever rank
+# heard the signal first.
+STOP_REASONS = (LAUNCHER_GONE, "SIGTERM", "SIGUSR2", "SIGUSR1")
 
 
 class Flag:
@@ -51,8 +55,16 @@ class Flag:
         self.grace_s = GRACE_S
 
     @property
-    def raised(self) -> bool:
-        return self.name is not None
+    def code(self) -> int:
+        """This rank's reason to stop, for the vote: 0 for none, else 1 + its place in STOP_REASONS."""
+        return STOP_REASONS.index(self.name) + 1 if self.name in STOP_REASONS else 0
+
+    def agree(self, code: int) -> bool:
+        """Take the reason the ranks agreed on (a rank that heard nothing yet stops for the same
+        one as the rank that did); whether to stop."""
+        if code:
+            self.name = STOP_REASONS[code - 1]
+        return bool(code)
 
     @property
     def requeues(self) -> bool:

@@ -174,9 +174,9 @@ class Trainer:
                             telemetry.evaluated(step, losses, self.batches.meta["vocab"])
                     if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == end:
                         self.checkpoint(step, diverged, telemetry)
-                    if step < t.max_iters and preemption_vote(preemption.FLAG.raised):
+                    if step < t.max_iters and preemption.FLAG.agree(preemption_vote(preemption.FLAG.code)):
                         self.checkpoint(step, diverged, telemetry)
-                        stopped_by = preemption.FLAG.name or "a signal on another rank"
+                        stopped_by = preemption.FLAG.name
                         break
             preemption_vote.close()
             with telemetry.watchdog.longer():
