@@ -335,18 +335,19 @@ def is_spike(losses: list[float], index: int) -> bool:
 
 
 def agreement_verdict(agreement: dict, bf16: bool) -> str:
+    promise = f"{AGREEMENT:.0e}".replace("e-0", "e-")
     typical = f"typically {agreement['typical']:.1e} apart, at most {agreement['worst']:.1e} at step {agreement['worst_step']}"
     if agreement["worst"] <= AGREEMENT:
-        return f"{typical}: within 1e-4 at every common step, data parallelism's promise holds"
+        return f"{typical}: within {promise} at every common step, data parallelism's promise holds"
     if agreement["beyond"] == 1 and agreement["spike"]:
-        return (f"{typical}, the only one of {agreement['steps']} common steps beyond 1e-4. That step is a loss "
+        return (f"{typical}, the only one of {agreement['steps']} common steps beyond {promise}. That step is a loss "
                 "spike, where the sizes' small rounding differences are magnified for one step; every other step "
-                "is within 1e-4, so data parallelism's promise holds")
-    verdict = (f"{typical}; {agreement['beyond']} of {agreement['steps']} common steps are beyond the 1e-4 data "
+                f"is within {promise}, so data parallelism's promise holds")
+    verdict = (f"{typical}; {agreement['beyond']} of {agreement['steps']} common steps are beyond the {promise} data "
                "parallelism promises")
     if bf16:
         verdict += (" (these runs trained under bf16 autocast, where a batch split over more ranks rounds "
-                    "differently; in fp32 the sizes agree within 1e-4)")
+                    f"differently; in fp32 the sizes agree within {promise})")
     return verdict
 
 

@@ -19,7 +19,7 @@ import torch
 from gptcore.cluster import distributed
 from gptcore.cluster.parallel import peak_memory
 from gptcore.cluster.watchdog import Watchdog
-from gptcore.config import Config
+from gptcore.config import Config, batch_split
 from gptcore.data.corpus import bits_unit, describe
 from gptcore.telemetry import hardware
 from gptcore.telemetry.profiling import AllReduceTimer, LoopProfiler, PhaseTimer, TorchProfilerWindow
@@ -59,24 +59,27 @@ def start_sampler(config: Config, out_dir: Path, contract: distributed.RankContr
 
 
 class LoopTelemetry:
+    """Everything the loop reports: log lines (through the trainer's `log`), metrics, phase timers,
+    cProfile, the torch.profiler window, the sampler and the watchdog. `checkpointer` tells where
+    the metrics resume (its saved step) and what a stuck rank keeps (its kept())."""
+
     def __init__(self, config: Config, out_dir: Path, contract: distributed.RankContract, device: torch.device,
-                 start_step: int, saved_step: int | None, kept, comm: AllReduceTimer | None):
+                 start_step: int, checkpointer, comm: AllReduceTimer | None, log, flops_per_token: float,
+                 peak_tflops: float | None):
         t, profile = config.train, config.profile
-        self.config, self.contract, self.comm = config, contract, comm
-        self.metrics = open_run_log(config, out_dir, contract.is_main, saved_step, device)
+        self.config, self.contract, self.comm, self.log = config, contract, comm, log
+        self.tokens_per_step = batch_split(config, contract.world_size)[1] * t.grad_accum * config.model.block_size
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.metrics = open_run_log(config, out_dir, contract.is_main, checkpointer.saved_step, device)
         self.timer = PhaseTimer(device, enabled=profile.phases)
         self.profiler = LoopProfiler(out_dir, contract.rank, profile.cprofile)
         self.trace = TorchProfilerWindow(out_dir, contract.rank, profile.torch_start, profile.torch_steps,
                                          profile.torch)
         self.sampler = start_sampler(config, out_dir, contract)
-        self.watchdog = Watchdog(out_dir, contract.rank, t.timeout_s, t.step_timeout_s, kept)
+        self.watchdog = Watchdog(out_dir, contract.rank, t.timeout_s, t.step_timeout_s, checkpointer.kept)
         if contract.world_size > 1:
             self.watchdog.start()
         self.clock = StepClock(start_step)
-
-    def log(self, message: str) -> None:
-        if self.contract.is_main:
-            print(message, flush=True)
 
     def record(self, record: dict) -> None:
         self.metrics.write({**record, "time": time.time()})
@@ -108,15 +111,14 @@ class LoopTelemetry:
         self.clock.window_steps += 1
         self.watchdog.beat(step + 1)
 
-    def window(self, step: int, step_loss: torch.Tensor, lr: float, tokens_per_step: int, flops_per_token: float,
-               peak_tflops: float | None, memory: dict) -> float:
+    def window(self, step: int, step_loss: torch.Tensor, lr: float, memory: dict) -> float:
         """The log line and metrics record of the steps since the last one; the loss, averaged over ranks."""
         t, world_size = self.config.train, self.contract.world_size
         loss = distributed.all_reduce_mean(step_loss.float()).item()
         elapsed, steps, eta = self.clock.lap(step, t.max_iters)
         self.watchdog.window_done(elapsed)
-        tokens_per_s = tokens_per_step * steps / elapsed
-        mfu = hardware.mfu(tokens_per_s, flops_per_token, world_size, peak_tflops)
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        mfu = hardware.mfu(tokens_per_s, self.flops_per_token, world_size, self.peak_tflops)
         peak = peak_memory(self.timer.device)
         self.log(f"step {step}/{t.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {1000 * elapsed / steps:.1f} ms/step | "
                  f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")

@@ -250,13 +250,14 @@ def shared_node_load(steps: list[dict], samples: list[dict]) -> dict | None:
                 windows.append((record["step"] - before["step"], record["ms_per_step"], statistics.median(during)))
         before = record
     others = [s["others_cpu_pct"] for s in samples if steps and steps[0]["time"] < s["time"] <= steps[-1]["time"]]
-    if not windows or statistics.median(others) <= SHARED_NODE_PCT:
+    if not windows or (others_pct := statistics.median(others)) <= SHARED_NODE_PCT:
         return None
     quiet = [ms for _, ms, load in windows if load <= SHARED_NODE_PCT]
+    quiet_ms = statistics.median(quiet) if quiet else None
     took = sum(count * ms for count, ms, _ in windows) / 1000
-    alone = statistics.median(quiet) * sum(count for count, _, _ in windows) / 1000 if quiet else None
-    return {"others_pct": statistics.median(others), "samples": len(others), "took_s": took, "alone_s": alone,
-            "quiet_ms": statistics.median(quiet) if quiet else None, "quiet_windows": len(quiet)}
+    alone = quiet_ms * sum(count for count, _, _ in windows) / 1000 if quiet else None
+    return {"others_pct": others_pct, "samples": len(others), "took_s": took, "alone_s": alone, "quiet_ms": quiet_ms,
+            "quiet_windows": len(quiet)}
 
 
 def describe_cost(load: dict) -> str:

@@ -162,9 +162,7 @@ class Trainer:
                     telemetry.step_done(step)
                     step += 1
                     if step % t.log_interval == 0 or step == end:
-                        loss_value = telemetry.window(step, step_loss, lr, self.global_batch * t.grad_accum *
-                                                      self.config.model.block_size, self.model.flops_per_token(),
-                                                      self.peak_tflops, self.memory)
+                        loss_value = telemetry.window(step, step_loss, lr, self.memory)
                         if not math.isfinite(loss_value):
                             raise self.diverged(step)
                     if step % t.eval_interval == 0 or step == t.max_iters:
@@ -195,7 +193,7 @@ class Trainer:
     def start_telemetry(self) -> LoopTelemetry:
         t = self.config.train
         telemetry = LoopTelemetry(self.config, self.out_dir, self.contract, self.device, self.start_step,
-                                  self.checkpointer.saved_step, self.checkpointer.kept, self.comm)
+                                  self.checkpointer, self.comm, self.log, self.model.flops_per_token(), self.peak_tflops)
         peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
         telemetry.started(
             f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
