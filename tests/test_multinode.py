@@ -23,7 +23,8 @@ SCRIPT = ["bash", "env/local_slurm.sh"]
 TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"]
 TINY = ["train.device=cpu", "train.sample_tokens=0"]
 # Long enough (~10 s on two ranks) for a kill or a signal to land mid-run, with checkpoints to resume from.
-LONG = ["train.max_iters=2000", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=1000"]
+LONG_STEPS = 1000
+LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=1000"]
 
 
 def netns_usable() -> bool:
@@ -144,7 +145,7 @@ def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, lau
 def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tmp_path):
     run_dir = tmp_path / "run"
     job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
-    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    wait_until(lambda: f"step 200/{LONG_STEPS}" in cluster.log(job), 90, "step 200")
     victim = rank_pid(job, 1)
     where = subprocess.run(["ip", "netns", "identify", str(victim)], capture_output=True, text=True, timeout=10)
     assert where.stdout.strip() == "mn-node2"
@@ -153,14 +154,14 @@ def test_a_dead_rank_ends_the_job_and_a_resubmission_resumes(cluster, corpus, tm
     assert wait_until_ended(cluster.env, job, 60) == "FAILED", cluster.log(job)
     assert sacct(cluster.env, job) == ["FAILED"]
     saved = checkpoint_step(run_dir)
-    assert 200 <= saved < 2000
+    assert 200 <= saved < LONG_STEPS
 
     again = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
     assert wait_until_ended(cluster.env, again, 120) == "COMPLETED", cluster.log(again)
     log = cluster.log(again)
     assert f"resumed from {run_dir / 'ckpt.pt'} at step {saved}" in log
     assert sorted(rank_hosts(log).values()) == ["node1", "node2"]
-    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
+    assert max(step_losses(run_dir)) == LONG_STEPS and checkpoint_step(run_dir) == LONG_STEPS
 
 
 def sruns_of(job: str) -> list[psutil.Process]:
@@ -178,7 +179,7 @@ def sruns_of(job: str) -> list[psutil.Process]:
 def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluster, corpus, tmp_path):
     run_dir = tmp_path / "run"
     job = cluster.sbatch("srun", run_dir, f"data.path={corpus}", *LONG)
-    wait_until(lambda: "step 200/2000" in cluster.log(job), 90, "step 200")
+    wait_until(lambda: f"step 200/{LONG_STEPS}" in cluster.log(job), 90, "step 200")
     try:
         # node2 dies: its slurmd, the job's step daemon and its rank, all at once.
         pids = subprocess.run(["ip", "netns", "pids", "mn-node2"], capture_output=True, text=True, timeout=10)
@@ -198,8 +199,8 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
     # srun's, or the batch step's.
     assert ("Node failure on node2" in log or "DUE TO NODE FAILURE" in log) and "restart 1" in log, log
     saved = int(re.search(rf"resumed from {re.escape(str(run_dir / 'ckpt.pt'))} at step (\d+)", log).group(1))
-    assert 200 <= saved < 2000
-    assert max(step_losses(run_dir)) == 2000 and checkpoint_step(run_dir) == 2000
+    assert 200 <= saved < LONG_STEPS
+    assert max(step_losses(run_dir)) == LONG_STEPS and checkpoint_step(run_dir) == LONG_STEPS
 
 
 # Each launcher once and each strategy once: torchrun with FSDP, srun with DDP (both launchers
@@ -208,7 +209,7 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
 def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path, launcher,
                                                                              parallel):
     run_dir = tmp_path / "run"
-    iters = 2000 if parallel == "ddp" else 600  # FSDP's steps are several collectives each over the bridge
+    iters = LONG_STEPS if parallel == "ddp" else 600  # FSDP's steps are several collectives each over the bridge
     job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG, f"train.max_iters={iters}",
                          extra=f"train.parallel={parallel}")
     wait_until(lambda: f"step 200/{iters}" in cluster.log(job), 90, "step 200")

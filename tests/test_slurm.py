@@ -43,7 +43,8 @@ pytestmark = [pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`b
               pytest.mark.slow, pytest.mark.slurm_cluster("one-node")]
 
 # A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
-LONG = ["train.max_iters=2000", "train.log_interval=50", "train.eval_interval=500"]
+LONG_STEPS = 1000
+LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=50", "train.eval_interval=500"]
 SHORTER = ["train.max_iters=600", "train.log_interval=50", "train.eval_interval=600"]
 
 
@@ -184,16 +185,16 @@ def straight(tmp_path_factory, corpus) -> dict:
 
 def same_model(run_dir, weights: dict) -> bool:
     saved = load(run_dir / "ckpt.pt")
-    return saved["step"] == 2000 and all(torch.equal(saved["model"][name], weights[name]) for name in weights)
+    return saved["step"] == LONG_STEPS and all(torch.equal(saved["model"][name], weights[name]) for name in weights)
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus, straight):
     job = jobs.sbatch("--job-name=test-preempt", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
                       "train.sample_tokens=0", env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     run_dir = REPO / "runs" / f"test-preempt-{job}"
-    wait_until(lambda: "step 50/2000" in log_text("test-preempt", job), 60, "the first logged step")
+    wait_until(lambda: f"step 50/{LONG_STEPS}" in log_text("test-preempt", job), 60, "the first logged step")
     row = monitor_row(monitor_once(), job)
-    assert row[2] == "RUNNING" and row[4].endswith("/2000")
+    assert row[2] == "RUNNING" and row[4].endswith(f"/{LONG_STEPS}")
 
     run("scancel", "--signal=USR1", job)
     assert wait_until_ended(ENV, job, 150) == "COMPLETED", log_text("test-preempt", job)
@@ -202,7 +203,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
     assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
-    assert logged == list(range(50, 2001, 50))  # every step once: none lost, none repeated
+    assert logged == list(range(50, LONG_STEPS + 1, 50))  # every step once: none lost, none repeated
     assert same_model(run_dir, straight)
 
 
@@ -241,7 +242,7 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
             job = first.split()[2].rstrip(";")
             jobs.track(job, "test-submit")
             rank0_log = tmp_path / job / f"{job}_0_log.out"
-            wait_until(lambda: rank0_log.exists() and "step 50/2000" in rank0_log.read_text(), 60,
+            wait_until(lambda: rank0_log.exists() and f"step 50/{LONG_STEPS}" in rank0_log.read_text(), 60,
                        "the first logged step")
             run("scancel", "--signal=USR2", job)  # what Slurm sends submitit jobs before the time limit
             out, err = process.communicate(timeout=150)
@@ -252,7 +253,7 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
     assert out.strip() == str(run_dir)
     log = rank0_log.read_text()
     assert "world_size=2 launcher=submitit" in log and "resumed from" in log
-    assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == list(range(50, 2001, 50))
+    assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == list(range(50, LONG_STEPS + 1, 50))
     assert job_info(ENV, job)["Restarts"] == "1"
 
 
@@ -264,7 +265,7 @@ def test_scancel_stops_at_a_step_with_a_checkpoint_and_a_resubmission_ends_like_
     job, run_dir = cancelled_at("test-scancel", 150, jobs, corpus, LONG, env)
     ours = [line for line in log_text("test-scancel", job).splitlines() if line.strip() and "slurmstepd" not in line]
     saved = load(run_dir / "ckpt.pt")["step"]
-    assert ours[-1] == (f"stopped by SIGTERM at step {saved}/2000: checkpoint runs/test-scancel-{job}/ckpt.pt "
+    assert ours[-1] == (f"stopped by SIGTERM at step {saved}/{LONG_STEPS}: checkpoint runs/test-scancel-{job}/ckpt.pt "
                         "saved; a rerun with resume=auto continues from it"), ours[-3:]
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert saved >= logged[-1] >= 150  # nothing trained after the last log line is lost
@@ -281,7 +282,7 @@ def test_scancel_of_a_torchrun_job_ends_without_a_traceback(jobs, corpus):
     job = jobs.sbatch("--job-name=test-tr-cancel", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
                       "slurm/train_multinode.sbatch", f"data.path={corpus}", *LONG,
                       env={"CONFIG": "tiny", "LAUNCHER": "torchrun", "EXTRA": "train.device=cpu train.sample_tokens=0"})
-    wait_until(lambda: "step 100/2000" in log_text("test-tr-cancel", job), 60, "step 100")
+    wait_until(lambda: f"step 100/{LONG_STEPS}" in log_text("test-tr-cancel", job), 60, "step 100")
     run("scancel", job)
     assert wait_until_ended(ENV, job, 90) == "CANCELLED"
     log = log_text("test-tr-cancel", job)
