@@ -3,13 +3,16 @@
     python bench/bench_time_to_loss.py                      # baseline against fast: cpu shape, default corpus
     python bench/bench_time_to_loss.py --arms baseline,adamw-short,+muon,+wsd,+relu2,+qk_norm,+rotary,+zero_init,fast
     python bench/bench_time_to_loss.py --data ../shared/data/tinyshakespeare.txt --seeds 5
+    python bench/bench_time_to_loss.py --arms finetune,finetune-dropout0 --init-from runs/pretrain/ckpt.pt --data book.txt
 
 Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
 step budget is part of the recipe). From `--eval-from` of the run on, every `--every` steps (at
 least a fifteenth of the run), and at the last step, the model is evaluated on the WHOLE
 validation split (consecutive windows, nothing sampled); that time is left out of the clock and
-reported apart, and so is warm-up (the first `--warmup` steps: allocation, torch.compile). The target is the baseline's own final validation loss, averaged over its seeds
-(or --target); an arm's time to it is the training time at its first evaluation at or below it.
+reported apart, and so is warm-up (the first `--warmup` steps: allocation, torch.compile). The
+first arm listed is the reference (the baseline): the target is its own final validation loss,
+averaged over its seeds (or --target); an arm's time to it is the training time at its first
+evaluation at or below it. With --init-from every arm fine-tunes that checkpoint.
 
 Arms run as fresh processes, alternating (round r runs every arm with seed r), so that drift of
 the machine falls on all arms alike. The verdict compares the arms' times with Welch's t-test.
@@ -48,6 +51,9 @@ ARMS = {
     "+qk_norm": ("{config}", SHORT + MUON + WSD + BLOCK[:2]),
     "+rotary": ("{config}", SHORT + MUON + WSD + BLOCK[:3]),
     "+zero_init": ("{config}", SHORT + MUON + WSD + BLOCK[:4]),  # + an untied head: the fast preset
+    # Fine-tuning (with --init-from): the finetune preset, and without its dropout.
+    "finetune": ("finetune", []),
+    "finetune-dropout0": ("finetune", ["model.dropout=0.0"]),
 }
 
 
@@ -222,23 +228,25 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
-def arm_hits(arm: str, runs: list[dict], target: float) -> list[tuple[float, int] | None]:
-    """Each run's (training seconds, steps) to the target. The baseline's is its whole run: the
-    target is the loss it reaches at its last step (its seeds' mean), which about half of them
+def arm_hits(arm: str, runs: list[dict], target: float, reference: str) -> list[tuple[float, int] | None]:
+    """Each run's (training seconds, steps) to the target. The reference arm's is its whole run:
+    the target is the loss it reaches at its last step (its seeds' mean), which about half of them
     pass a little earlier or miss by a little; either way the wait for its result is the run."""
-    if arm == "baseline":
+    if arm == reference:
         return [(run["curve"][-1]["train_s"], run["curve"][-1]["step"]) for run in runs]
     return [time_to(run["curve"], target) for run in runs]
 
 
 def report(results: dict[str, list[dict]], target: float) -> list[str]:
-    lines = [f"target: validation loss {target:.4f} (full pass over the validation split; the baseline's mean "
-             "final loss when it is an arm)", "",
+    """The table and verdicts; the first arm of RESULTS is the reference ("vs baseline")."""
+    reference = next(iter(results))
+    lines = [f"target: validation loss {target:.4f} (full pass over the validation split; the mean final loss "
+             f"of {reference}, the reference arm, unless given)", "",
              "| arm | steps run | ms/step | final val | reached | time to target (s) | steps to target | vs baseline |",
              "|---|---|---|---|---|---|---|---|"]
-    base_times = [hit[0] for hit in arm_hits("baseline", results.get("baseline", []), target)]
+    base_times = [hit[0] for hit in arm_hits(reference, results[reference], target, reference)]
     for arm, runs in results.items():
-        hits = arm_hits(arm, runs, target)
+        hits = arm_hits(arm, runs, target, reference)
         times = [hit[0] for hit in hits if hit]
         steps = [hit[1] for hit in hits if hit]
         ratio = (f"{statistics.mean(times) / statistics.mean(base_times):.1%}"
@@ -248,12 +256,12 @@ def report(results: dict[str, list[dict]], target: float) -> list[str]:
                      f"{mean_std(times) if times else '-'} | {mean_std(steps, 0) if steps else '-'} | {ratio} |")
     lines.append("")
     for arm, runs in results.items():
-        times = [hit[0] for hit in arm_hits(arm, runs, target) if hit]
-        if arm == "baseline" or len(times) < 2 or len(base_times) < 2 or len(times) < len(runs):
+        times = [hit[0] for hit in arm_hits(arm, runs, target, reference) if hit]
+        if arm == reference or len(times) < 2 or len(base_times) < 2 or len(times) < len(runs):
             continue
         t, p = welch(times, base_times)
         verdict = "faster" if statistics.mean(times) < statistics.mean(base_times) else "slower"
-        lines.append(f"verdict {arm}: {statistics.mean(times) / statistics.mean(base_times):.1%} of the baseline's "
+        lines.append(f"verdict {arm}: {statistics.mean(times) / statistics.mean(base_times):.1%} of {reference}'s "
                      f"time to target, {verdict} (Welch t = {t:.2f}, p = {p:.2g}, n = {len(times)} and {len(base_times)})")
     return lines
 
@@ -272,6 +280,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="first steps timed apart (allocation, compile)")
     parser.add_argument("--target", type=float, default=0.0, help="default: the baseline's mean final val loss")
     parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
+    parser.add_argument("--init-from", help="every arm fine-tunes this checkpoint (train.init_from)")
     parser.add_argument("--json", help="write every run's curve here")
     parser.add_argument("--optimizer-cost", action="store_true", help="time the optimizer step alone and stop")
     parser.add_argument("--block-cost", action="store_true", help="time forward + backward per block option and stop")
@@ -287,8 +296,7 @@ def main() -> None:
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         results = saved["results"]
-        target = args.target or (statistics.mean(r["final_val"] for r in results["baseline"]) if "baseline" in results
-                                 else saved["target"])
+        target = args.target or statistics.mean(r["final_val"] for r in next(iter(results.values())))
         print("\n".join(report(results, target)))
         return
     if args.block_cost:
@@ -307,7 +315,8 @@ def main() -> None:
     for round_ in range(args.seeds):
         for arm in arms:
             preset, extra = ARMS[arm]
-            overrides = [o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
+            overrides = ([o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
+                         + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
             command = [sys.executable, __file__, "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
@@ -318,7 +327,7 @@ def main() -> None:
             results[arm].append(run)
             print(f"round {round_} {arm}: {run['max_iters']} steps, {run['ms_per_step']} ms/step, final val "
                   f"{run['final_val']:.4f}, eval {run['eval_s']:.0f} s (not timed)", flush=True)
-    target = args.target or statistics.mean(r["final_val"] for r in results.get("baseline", []) or [{"final_val": 0}])
+    target = args.target or statistics.mean(r["final_val"] for r in results[arms[0]])
     if args.json:
         Path(args.json).write_text(json.dumps({"target": target, "results": results}, indent=1))
     print("\n".join(report(results, target)))
