@@ -4,6 +4,7 @@ metrics, and the Slurm client commands the cluster tests use."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from gptcore.cpus import usable_cpus
+from gptcore.files import atomic_write_bytes
 from gptcore.telemetry.metrics import read_metrics
 
 # The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
@@ -46,14 +48,38 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return usable_cpus()
 
 
+# Seconds each test file took in a whole run on the 2-core VM (`pytest --record-durations`
+# rewrites it). Only the order of files depends on it: a stale or missing entry costs time, never
+# a result.
+DURATIONS = Path(__file__).with_name("durations.json")
+UNKNOWN_FILE_S = 10.0
+FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"write each test file's seconds in this run to {DURATIONS.name} (a whole run only)")
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """Files with more slow tests first (their order kept within each file): pytest-xdist hands
-    whole files to workers in this order, so the long ones start early and the short ones fill
-    in at the end, instead of one worker finishing a long file alone."""
-    slow = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.path])
+    """Longest files first (their tests' order kept within each file): pytest-xdist hands whole
+    files to workers in this order (with --no-loadscope-reorder), so the long ones start early and
+    the short ones fill in at the end, instead of one worker finishing a long file alone."""
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    items.sort(key=lambda item: -seconds.get(item.path.name, UNKNOWN_FILE_S))
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Sums each file's setup, call and teardown seconds (on the controller too, under xdist)."""
+    name = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
+    FILE_SECONDS[name] = FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    config = session.config
+    if config.getoption("--record-durations") and not hasattr(config, "workerinput"):
+        atomic_write_bytes(DURATIONS, (json.dumps({name: round(seconds, 1) for name, seconds in
+                                                   sorted(FILE_SECONDS.items())}, indent=1) + "\n").encode())
 
 
 @pytest.fixture(autouse=True)
