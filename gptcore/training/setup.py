@@ -51,6 +51,20 @@ def compile_scope(config: Config, device: torch.device) -> str:
     return "per block (fsdp: the root runs eager)" if config.train.parallel == "fsdp" else "on"
 
 
+def describe_settings(config: Config, contract: distributed.RankContract, device: torch.device, dtype_name: str) -> str:
+    """The run's first log line: how it was launched and what it computes with."""
+    t = config.train
+    return (f"world_size={contract.world_size} launcher={contract.launcher} device={device} parallel={t.parallel} "
+            f"optimizer={t.optimizer} schedule={t.schedule} dtype={dtype_name} backend={distributed.backend_name()} "
+            f"compile={compile_scope(config, device)} deterministic={'on' if t.deterministic else 'off'}")
+
+
+def describe_model(config: Config, model: GPT, global_batch: int, device: torch.device, peak_tflops: float | None) -> str:
+    peak = f", peak {peak_tflops:g} TFLOP/s per device" if peak_tflops else ""
+    return (f"model: {model.num_params() / 1e6:.2f}M parameters, global batch {global_batch * config.train.grad_accum} "
+            f"x {config.model.block_size} tokens, {hardware.device_name(device)}{peak}")
+
+
 def set_numerics(deterministic: bool, device: torch.device) -> None:
     """train.deterministic: kernels that give the same bits on every run (PyTorch's deterministic
     algorithms, cuBLAS's fixed workspace, no cuDNN or memory-efficient attention, whose backward

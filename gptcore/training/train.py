@@ -31,8 +31,8 @@ from gptcore.telemetry.profiling import AllReduceTimer, PhaseTimer
 from gptcore.telemetry.sinks import check_sinks
 from gptcore.training.evaluation import evaluate, still_finite
 from gptcore.training.rundir import RunLock, claim, move_aside
-from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_dtype, build_model, check_memory, compile_scope,
-                                    compiles, load_batches, start_rank, starting_weights)
+from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_dtype, build_model, check_memory, compiles,
+                                    describe_model, describe_settings, load_batches, start_rank, starting_weights)
 
 
 @dataclass
@@ -191,18 +191,11 @@ class Trainer:
         return TrainResult(step, loss_value, val_loss, stopped_by is not None, self.out_dir)
 
     def start_telemetry(self) -> LoopTelemetry:
-        t = self.config.train
         telemetry = LoopTelemetry(self.config, self.out_dir, self.contract, self.device, self.start_step,
                                   self.checkpointer, self.comm, self.log, self.model.flops_per_token(), self.peak_tflops)
-        peak = f", peak {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else ""
-        telemetry.started(
-            f"world_size={self.contract.world_size} launcher={self.contract.launcher} device={self.device} "
-            f"parallel={t.parallel} optimizer={t.optimizer} schedule={t.schedule} dtype={self.dtype_name} "
-            f"backend={distributed.backend_name()} compile={compile_scope(self.config, self.device)} "
-            f"deterministic={'on' if t.deterministic else 'off'}",
-            f"model: {self.model.num_params() / 1e6:.2f}M parameters, global batch {self.global_batch * t.grad_accum} "
-            f"x {self.config.model.block_size} tokens, {hardware.device_name(self.device)}{peak}",
-            self.threads, self.dtype_name, self.batches.meta, self.probe)
+        telemetry.started(describe_settings(self.config, self.contract, self.device, self.dtype_name),
+                          describe_model(self.config, self.model, self.global_batch, self.device, self.peak_tflops),
+                          self.threads, self.dtype_name, self.batches.meta, self.probe)
         return telemetry
 
     def checkpoint(self, step: int, diverged: torch.Tensor, telemetry: LoopTelemetry) -> None:
