@@ -3,7 +3,10 @@ llama-cpp-python, which compiles llama.cpp's own source): the same greedy text a
 `gptcore sample --temperature 0`, quantized losses beside gptcore's own int8/int4, for character
 and byte vocabularies; and a bytes model leaves for Hugging Face with its ids."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,6 +145,49 @@ def test_a_prompt_outside_the_vocabulary(characters, tmp_path, capsys):
     space = vocab.encode(" ")[0]
     assert llm.tokenize("The k\u00efng".encode("utf-8"), add_bos=False) == [*vocab.encode("The k"), space, space,
                                                                           *vocab.encode("ng")]
+
+
+# llama.cpp has loaded the model and said so; a tokenizer that has not returned after this hangs.
+TOKENIZE_S = 5
+
+
+def tokenized_within(gguf, prompt: str, seconds: float) -> list[int] | None:
+    """llama.cpp's ids for PROMPT, in a process of its own; None when it has not returned in SECONDS."""
+    script = ("import sys, llama_cpp\n"
+              "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, verbose=False)\n"
+              "print('loaded', flush=True)\n"
+              "print(llm.tokenize(sys.argv[2].encode(), add_bos=False), flush=True)\n")
+    with subprocess.Popen([sys.executable, "-c", script, str(gguf), prompt], stdout=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            assert process.stdout.readline().strip() == "loaded"
+            process.wait(seconds)
+            return json.loads(process.stdout.read())
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            process.kill()
+
+
+def test_a_character_beyond_ascii_outside_the_vocabulary_hangs_llama_cpp_as_the_export_warns(tmp_path, capsys):
+    """é is in the vocabulary, è is not and begins with é's first byte (0xc3): llama.cpp's rwkv
+    tokenizer never returns on it, which the export line says; x (outside, ASCII) reads as a space."""
+    llama_cpp()
+    text = tmp_path / "cafe.txt"
+    text.write_text("caf\u00e9 au lait, d\u00e9j\u00e0 vu. " * 300 + "\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    trained = run_gptcore("train", "--config", "tiny", f"data.path={text}", f"out_dir={run_dir}", "train.max_iters=5",
+                          "model.block_size=32", "train.sample_tokens=0")
+    assert trained.returncode == 0, trained.stderr
+    gguf = tmp_path / "cafe.gguf"
+    made = gptcore_here(capsys, "export", "--ckpt", run_dir / "ckpt.pt", "--format", "gguf", "--type", "f32",
+                        "--out", gguf)
+    assert made.returncode == 0, made.stderr
+    assert "2 of them beyond ASCII (\u00e0\u00e9): llama.cpp hangs on a prompt character outside" in made.stdout
+    vocab = load_model(run_dir / "ckpt.pt", "cpu").tokenizer
+    assert tokenized_within(gguf, "caf\u00e9", TOKENIZE_S) == vocab.encode("caf\u00e9")
+    assert tokenized_within(gguf, "x", TOKENIZE_S) == vocab.encode(" ")
+    assert tokenized_within(gguf, "caf\u00e8", TOKENIZE_S) is None, "llama.cpp returned: the export's warning is stale"
 
 
 def test_the_file_reads_back_with_ggufs_own_reader(characters, tmp_path, capsys):

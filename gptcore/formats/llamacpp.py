@@ -150,7 +150,15 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], model: ModelConfig, v
 
 
 def describe_vocabulary(vocab: list[str] | str) -> str:
+    """The vocabulary as the export line names it. llama.cpp's rwkv tokenizer (0.3.36) loops forever
+    on a character outside the vocabulary whose first UTF-8 byte begins a vocabulary character
+    (è beside é): it matches no token and starts again at the same byte. Only characters beyond
+    ASCII can, so the line warns where there are any."""
     if vocab == "bytes":
         return "256-byte vocabulary"
-    wide = sum(len(ch.encode("utf-8")) > 1 for ch in vocab)
-    return f"{len(vocab)}-character vocabulary" + (f", {wide} of them beyond ASCII" if wide else "")
+    wide = [ch for ch in vocab if len(ch.encode("utf-8")) > 1]
+    if not wide:
+        return f"{len(vocab)}-character vocabulary"
+    return (f"{len(vocab)}-character vocabulary, {len(wide)} of them beyond ASCII ({''.join(wide[:5])}"
+            f"{'...' if len(wide) > 5 else ''}): llama.cpp hangs on a prompt character outside the vocabulary that "
+            "begins with the same byte as one of them, so keep its prompts within the vocabulary")
