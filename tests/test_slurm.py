@@ -127,7 +127,7 @@ def test_four_rank_template_completes_and_quantize_runs_after_it(jobs, corpus):
     assert wait_until_ended(ENV, finetune, 120) == "COMPLETED", log_text("test-finetune", finetune)
     assert f"starting from the weights of runs/test-4gpu-{train}/ckpt.pt (2 layers x 32" in log_text("test-finetune", finetune)
     tuned = yaml.safe_load((REPO / "runs" / f"test-finetune-{finetune}" / "config.yaml").read_text())
-    assert tuned["model"]["n_embd"] == 32 and tuned["model"]["dropout"] == 0.2 and tuned["train"]["lr"] == 3e-4
+    assert tuned["model"]["n_embd"] == 32 and tuned["model"]["dropout"] == 0.0 and tuned["train"]["lr"] == 3e-4
 
 
 def test_fsdp_on_the_four_rank_template_shards_its_checkpoint_and_quantize_reads_it(jobs, corpus):
