@@ -228,11 +228,11 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
-def arm_hits(arm: str, runs: list[dict], target: float, reference: str) -> list[tuple[float, int] | None]:
+def arm_hits(runs: list[dict], target: float, reference: bool) -> list[tuple[float, int] | None]:
     """Each run's (training seconds, steps) to the target. The reference arm's is its whole run:
     the target is the loss it reaches at its last step (its seeds' mean), which about half of them
     pass a little earlier or miss by a little; either way the wait for its result is the run."""
-    if arm == reference:
+    if reference:
         return [(run["curve"][-1]["train_s"], run["curve"][-1]["step"]) for run in runs]
     return [time_to(run["curve"], target) for run in runs]
 
@@ -244,9 +244,9 @@ def report(results: dict[str, list[dict]], target: float) -> list[str]:
              f"of {reference}, the reference arm, unless given)", "",
              "| arm | steps run | ms/step | final val | reached | time to target (s) | steps to target | vs baseline |",
              "|---|---|---|---|---|---|---|---|"]
-    base_times = [hit[0] for hit in arm_hits(reference, results[reference], target, reference)]
+    base_times = [hit[0] for hit in arm_hits(results[reference], target, reference=True)]
     for arm, runs in results.items():
-        hits = arm_hits(arm, runs, target, reference)
+        hits = arm_hits(runs, target, arm == reference)
         times = [hit[0] for hit in hits if hit]
         steps = [hit[1] for hit in hits if hit]
         ratio = (f"{statistics.mean(times) / statistics.mean(base_times):.1%}"
@@ -256,7 +256,7 @@ def report(results: dict[str, list[dict]], target: float) -> list[str]:
                      f"{mean_std(times) if times else '-'} | {mean_std(steps, 0) if steps else '-'} | {ratio} |")
     lines.append("")
     for arm, runs in results.items():
-        times = [hit[0] for hit in arm_hits(arm, runs, target, reference) if hit]
+        times = [hit[0] for hit in arm_hits(runs, target, arm == reference) if hit]
         if arm == reference or len(times) < 2 or len(base_times) < 2 or len(times) < len(runs):
             continue
         t, p = welch(times, base_times)
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--eval-from", type=float, default=0.5, help="first evaluation at this fraction of the run")
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3, help="first steps timed apart (allocation, compile)")
-    parser.add_argument("--target", type=float, default=0.0, help="default: the baseline's mean final val loss")
+    parser.add_argument("--target", type=float, default=0.0, help="default: the first arm's mean final val loss")
     parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
     parser.add_argument("--init-from", help="every arm fine-tunes this checkpoint (train.init_from)")
     parser.add_argument("--json", help="write every run's curve here")
