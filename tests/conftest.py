@@ -48,8 +48,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return usable_cpus()
 
 
-# Seconds each test file took in a whole run on the 2-core VM (`pytest --record-durations`
-# rewrites it). Only the order of files depends on it: a stale or missing entry costs time, never
+# Seconds each test file took on the 2-core VM (`pytest --record-durations` updates the files a
+# run ran). Only the order of files depends on it: a stale or missing entry costs time, never
 # a result.
 DURATIONS = Path(__file__).with_name("durations.json")
 UNKNOWN_FILE_S = 10.0
@@ -58,7 +58,7 @@ FILE_SECONDS: dict[str, float] = {}
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--record-durations", action="store_true",
-                     help=f"write each test file's seconds in this run to {DURATIONS.name} (a whole run only)")
+                     help=f"write the seconds of each test file this run ran to {DURATIONS.name}")
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -78,8 +78,10 @@ def pytest_runtest_logreport(report) -> None:
 def pytest_sessionfinish(session) -> None:
     config = session.config
     if config.getoption("--record-durations") and not hasattr(config, "workerinput"):
-        atomic_write_bytes(DURATIONS, (json.dumps({name: round(seconds, 1) for name, seconds in
-                                                   sorted(FILE_SECONDS.items())}, indent=1) + "\n").encode())
+        # Files this run did not reach keep their earlier seconds.
+        seconds = {**(json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}),
+                   **{name: round(value, 1) for name, value in FILE_SECONDS.items()}}
+        atomic_write_bytes(DURATIONS, (json.dumps(dict(sorted(seconds.items())), indent=1) + "\n").encode())
 
 
 @pytest.fixture(autouse=True)
