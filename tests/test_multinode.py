@@ -59,8 +59,9 @@ class Cluster:
     def __init__(self, env: dict, tmp_path: Path):
         self.env, self.tmp_path, self.submitted = env, tmp_path, []
 
-    def sbatch(self, launcher: str, run_dir: Path, *overrides, extra: str = "") -> str:
-        env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir), "EXTRA": extra}
+    def sbatch(self, launcher: str, run_dir: Path, *overrides, extra: str = "", env: dict | None = None) -> str:
+        env = {**self.env, "LAUNCHER": launcher, "CONFIG": "tiny", "RUN_DIR": str(run_dir), "EXTRA": extra,
+               **(env or {})}
         result = subprocess.run(
             ["sbatch", "--parsable", *TWO_NODES, f"--job-name=mn-{launcher}",
              f"--output={self.tmp_path}/%x-%j.out", "slurm/train_multinode.sbatch", *TINY, *map(str, overrides)],
@@ -131,7 +132,9 @@ def rank_pid(job: str, rank: int) -> int:
 @pytest.mark.parametrize("launcher, parallel", LAUNCHES[:2])
 def test_two_nodes_train_like_one(cluster, corpus, tmp_path, reference_loss, launcher, parallel):
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", extra=f"train.parallel={parallel}")
+    # torchrun's ranks name their interface as docs/slurm.md shows for InfiniBand (here each node's eth0).
+    interface = {"GLOO_SOCKET_IFNAME": "eth0"} if launcher == "torchrun" else {}
+    job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", extra=f"train.parallel={parallel}", env=interface)
     assert wait_until_ended(cluster.env, job, 120) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert f"world_size=2 launcher={launcher} device=cpu parallel={parallel}" in log

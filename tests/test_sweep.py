@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import REPO, SWEEP_TRAIN, assert_one_line_error, report_rows, sweep, sweep_command
+from doc_commands import every_command, split
 from gptcore.cluster.spinning import SHARED_NODE_PCT
 
 def test_bad_gpu_lists_fail_in_one_line_before_anything_is_submitted(tmp_path):
@@ -47,6 +48,37 @@ def test_repeats_interleave_the_sizes(tmp_path):
     assert result.returncode == 0, result.stderr
     names = [line.split(":")[0].strip() for line in result.stdout.splitlines()[1:-1]]
     assert names == ["sweep-n1-r1", "sweep-n2-r1", "sweep-n1-r2", "sweep-n2-r2"]
+
+
+def test_every_sweep_in_the_docs_plans_as_typed(tmp_path):
+    """Each `python launch/sweep.py` that the docs show, as typed, plus --dry-run (and the local
+    executor, so that the plan does not hang on whether a cluster answers): the plan follows each
+    of its flags. The sweeps themselves run in this file's other tests and in test_slurm.py."""
+    sweeps = [split(command)[1][2:] for command in every_command() if command.startswith("python launch/sweep.py")]
+    assert len(sweeps) >= 8
+    for index, args in enumerate(sweeps):
+        out = tmp_path / f"sweep{index}"
+        local = [] if "--executor" in args else ["--executor", "local"]
+        result = sweep(*args, *local, "--dry-run", "--out", out)
+        if "--quantize" in args:  # a Slurm job after the sweep: its plan is test_slurm.py's
+            assert_one_line_error(result, 2, "--quantize", "--executor slurm")
+            continue
+        assert result.returncode == 0, (args, result.stderr)
+
+        def value(flag, default):
+            return args[args.index(flag) + 1] if flag in args else default
+        sizes, repeats = value("--gpus", "").split(","), int(value("--repeats", "1"))
+        strategies = value("--parallel", "").split(",") if "--parallel" in args else [""]
+        jobs = result.stdout.splitlines()[1:-1]
+        assert result.stdout.startswith(f"would submit {len(sizes) * repeats * len(strategies)} job(s)"), result.stdout
+        overrides = [arg for arg in args if "=" in arg and not arg.startswith("--")]
+        for job in jobs:
+            assert f"gptcore train --config {value('--config', 'seed')} " in job, job
+            assert all(override in job for override in overrides), job
+            assert ("train.scaling=weak" in job) == ("weak" in args), job
+        for strategy in filter(None, strategies):
+            assert sum(f"train.parallel={strategy}" in job for job in jobs) == len(sizes), jobs
+        assert not out.exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,132 @@
+"""The docs, followed: every gptcore command and every report that README.md and docs/ show, run as
+typed, in reading order, in one fresh directory, the way a reader who follows them would. Two
+things are added: a few steps at the end of each training command (and a CPU-sized model for the
+GPU presets), and the files a reader brings (a book, a folder of texts, a JSON Lines file, a
+nanoGPT run). The docs' other commands (sbatch, torchrun, the sweep) need a cluster or ranks;
+test_docs.py names the test that runs each of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_corpus
+from doc_commands import every_command, split
+
+pytestmark = pytest.mark.slow
+
+FEW_STEPS = ["train.max_iters=12", "train.warmup_iters=2", "train.eval_interval=6", "train.eval_iters=2",
+             "train.log_interval=3", "train.sample_tokens=20"]
+CPU_SIZED = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "train.batch_size=8",
+             "train.grad_accum=1"]
+GPU_PRESETS = ("seed", "large")
+# What a nanoGPT user has before `gptcore import`: its run's ckpt.pt and its dataset's meta.pkl,
+# here the ones our own nanoGPT export wrote a command earlier.
+NANOGPT_FILES = {"out-shakespeare-char/ckpt.pt": "runs/cpu/nano/ckpt.pt",
+                 "data/shakespeare_char/meta.pkl": "runs/cpu/nano/meta.pkl"}
+
+
+def session_argv(command: str) -> list[str] | None:
+    """["gptcore", ARGS...] or ["analysis.report", ARGS...] for a docs command that is gptcore's or
+    the report's (training ones with FEW_STEPS added); None for the docs' other commands."""
+    env, words = split(command)
+    if words[:3] == ["python", "-m", "gptcore"]:
+        words = ["gptcore", *words[3:]]
+    if not env and words[:1] == ["gptcore"]:
+        if words[1] == "train":
+            config = words[words.index("--config") + 1] if "--config" in words else None
+            words = [*words, *FEW_STEPS, *(CPU_SIZED if config in GPU_PRESETS else [])]
+        return words
+    # RUN_DIR... --out DIR, or runs/sweep/n*: not a path until a reader (or a sweep) supplies one
+    placeholder = any(word.rstrip(".").isupper() or "*" in word for word in words[3:])
+    if not env and words[:3] == ["python", "-m", "analysis.report"] and not placeholder:
+        return words[2:]
+    return None
+
+
+def session_commands() -> list[str]:
+    return [command for command in every_command() if session_argv(command)]
+
+
+def bring_the_readers_files(home: Path) -> None:
+    write_corpus(home / "book.txt", chars=40_000)
+    (home / "corpus").mkdir()
+    for index in range(2):
+        write_corpus(home / "corpus" / f"part{index}.txt", chars=20_000, seed=index + 1)
+    lines = [json.dumps({"text": write_corpus(home / "doc.txt", chars=3_000, seed=10 + i).read_text()})
+             for i in range(3)]
+    (home / "doc.txt").unlink()
+    (home / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (home / "analysis").symlink_to(REPO / "analysis")  # `python -m analysis.report`, run from the checkout's root
+
+
+# One interpreter follows the whole session, so that torch is imported once rather than once per
+# command: each command is its program's own entry point called with the docs' words, in the
+# session's directory, its output kept apart; a command that raised leaves its traceback there.
+FOLLOWER = """
+import contextlib, io, json, sys, traceback
+import analysis.report
+from gptcore.cli import main as gptcore
+for line in sys.stdin:
+    request = json.loads(line)
+    argv, out, err = request["argv"], io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = (gptcore if argv[0] == "gptcore" else analysis.report.main)(argv[1:])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    with open(request["result"], "w") as result:
+        json.dump({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}, result)
+    print("done", flush=True)
+"""
+
+
+def outputs(argv: list[str]) -> list[str]:
+    """The files and directories a command says it writes: --out PATH, and out_dir's checkpoint."""
+    made = [argv[argv.index("--out") + 1]] if "--out" in argv else []
+    made += [word.split("=", 1)[1] + "/ckpt.pt" for word in argv if word.startswith("out_dir=")]
+    return made
+
+
+def test_the_docs_commands_run_as_typed_in_reading_order(tmp_path):
+    commands = session_commands()
+    assert len(commands) >= 24, commands  # the CLI flows of the README, training, export and gpus guides
+    home = tmp_path / "home"
+    home.mkdir()
+    bring_the_readers_files(home)
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER], cwd=home, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for index, command in enumerate(commands):
+            argv = session_argv(command)
+            for needed, source in NANOGPT_FILES.items():
+                if needed in argv and not (home / needed).exists():
+                    (home / needed).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(home / source, home / needed)
+            result = tmp_path / f"result{index}.json"
+            follower.stdin.write(json.dumps({"argv": argv, "result": str(result)}) + "\n")
+            follower.stdin.flush()
+            while follower.stdout.readline() not in ("done\n", ""):
+                pass  # whatever else the command printed to the file descriptor itself
+            assert result.exists(), f"{command}: the session ended (exit {follower.wait()})"
+            done = json.loads(result.read_text())
+            assert done["code"] == 0, f"{command}\n{done['stdout'][-2000:]}\n{done['stderr'][-3000:]}"
+            assert "Traceback" not in done["stderr"], f"{command}\n{done['stderr'][-3000:]}"
+            for path in outputs(argv):
+                assert (home / path).exists(), f"{command} did not write {path}"
+    finally:
+        follower.stdin.close()
+        follower.wait(timeout=60)
+    finished = " ".join(commands)
+    # The reader's flow reached its ends: a fine-tuned book model quantized, a report, a GGUF file.
+    for end in ("runs/book/ckpt_int8.pt", "runs/fast/report", "runs/cpu/model-q8_0.gguf"):
+        assert end in finished and (home / end).exists(), end
