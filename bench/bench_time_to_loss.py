@@ -4,6 +4,7 @@
     python bench/bench_time_to_loss.py --arms baseline,adamw-short,+muon,+wsd,+relu2,+qk_norm,+rotary,+zero_init,fast
     python bench/bench_time_to_loss.py --data ../shared/data/tinyshakespeare.txt --seeds 5
     python bench/bench_time_to_loss.py --arms finetune,finetune-dropout0 --init-from runs/pretrain/ckpt.pt --data book.txt
+    python bench/bench_time_to_loss.py --arms baseline,nanogpt --nanogpt ../nanoGPT   # nanoGPT's own train.py
 
 Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
 step budget is part of the recipe). From `--eval-from` of the run on, every `--every` steps (at
@@ -12,7 +13,8 @@ validation split (consecutive windows, nothing sampled); that time is left out o
 reported apart, and so is warm-up (the first `--warmup` steps: allocation, torch.compile). The
 first arm listed is the reference (the baseline): the target is its own final validation loss,
 averaged over its seeds (or --target); an arm's time to it is the training time at its first
-evaluation at or below it. With --init-from every arm fine-tunes that checkpoint.
+evaluation at or below it. With --init-from every arm fine-tunes that checkpoint. With --nanogpt,
+nanoGPT's own train.py is the arm `nanogpt`, on the baseline's settings (bench/nanogpt_arm.py).
 
 Arms run as fresh processes, alternating (round r runs every arm with seed r), so that drift of
 the machine falls on all arms alike. The verdict compares the arms' times with Welch's t-test.
@@ -31,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nanogpt_arm
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 
 # The recipes. `baseline` is nanoGPT's (AdamW, warmup + cosine, GPT-2 block) as the config gives
@@ -54,7 +57,13 @@ ARMS = {
     # Fine-tuning (with --init-from): the finetune preset, and without its dropout.
     "finetune": ("finetune", []),
     "finetune-dropout0": ("finetune", ["model.dropout=0.0"]),
+    "nanogpt": ("{config}", []),  # nanoGPT's own train.py on the baseline's settings (--nanogpt)
 }
+
+
+def evaluation_every(every: int, max_iters: int) -> int:
+    """Steps between full validation passes: --every, or more, so that a run has at most ~15."""
+    return max(every, max_iters // 15 // every * every)
 
 
 def run_one(args) -> dict:
@@ -77,7 +86,7 @@ def run_one(args) -> dict:
             timer = PhaseTimer(trainer.device, enabled=False)
             sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
             curve, trained, warmup, evaluating = [], 0.0, 0.0, 0.0
-            every = max(args.every, t.max_iters // 15 // args.every * args.every)
+            every = evaluation_every(args.every, t.max_iters)
             for step in range(t.max_iters):
                 start = time.perf_counter()
                 trainer.train_step(step, timer)
@@ -281,6 +290,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.0, help="default: the first arm's mean final val loss")
     parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
     parser.add_argument("--init-from", help="every arm fine-tunes this checkpoint (train.init_from)")
+    parser.add_argument("--nanogpt", metavar="CHECKOUT", help="a nanoGPT checkout, for the arm nanogpt")
     parser.add_argument("--json", help="write every run's curve here")
     parser.add_argument("--optimizer-cost", action="store_true", help="time the optimizer step alone and stop")
     parser.add_argument("--block-cost", action="store_true", help="time forward + backward per block option and stop")
@@ -291,7 +301,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args)))
+        print(json.dumps(nanogpt_arm.run(args, evaluation_every) if args.nanogpt else run_one(args)))
         return
     if args.report:
         saved = json.loads(Path(args.report).read_text())
@@ -309,6 +319,12 @@ def main() -> None:
     arms = args.arms.split(",")
     if unknown := [arm for arm in arms if arm not in ARMS]:
         sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if "nanogpt" in arms:
+        if not args.nanogpt:
+            sys.exit("bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
+        if args.init_from:
+            sys.exit("bench_time_to_loss: the arm nanogpt trains from scratch; leave out --init-from or the arm")
+        nanogpt_arm.check_checkout(args.nanogpt)
     steps = args.steps
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -320,6 +336,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
+            if arm == "nanogpt":
+                command += ["--nanogpt", args.nanogpt]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"bench_time_to_loss: arm {arm} seed {1000 + round_} failed:\n{done.stderr[-2000:]}")

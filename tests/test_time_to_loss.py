@@ -1,6 +1,8 @@
 """The arithmetic behind bench/bench_time_to_loss.py's verdicts: Student's t p-values, the time at
-which a curve first reaches the target, and the reference arm every other arm is compared with."""
+which a curve first reaches the target, and the reference arm every other arm is compared with;
+and how the nanogpt arm speaks to nanoGPT's train.py and reads its times."""
 
+import ast
 import sys
 
 import pytest
@@ -9,6 +11,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_time_to_loss import incomplete_beta, report, time_to, welch  # noqa: E402
+from nanogpt_arm import ITERATION, nanogpt_flags, train_seconds  # noqa: E402
+
+from gptcore.config import load_config  # noqa: E402
 
 
 @pytest.mark.parametrize("t, df, p", [(2.228, 10, 0.05), (2.086, 20, 0.05), (3.169, 10, 0.01), (0.0, 7, 1.0),
@@ -46,3 +51,34 @@ def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss()
     # The other arm reaches 1.51 at step 50 (2.0 s) and at step 100 (4.4 s): 3.2 s of 10.2 s.
     assert rows["finetune-dropout0"].endswith(f"| {3.2 / 10.2:.1%} |")
     assert any(line.startswith("verdict finetune-dropout0: 31.4% of finetune's time") for line in lines)
+
+
+def test_the_nanogpt_arm_gives_train_py_the_baselines_settings_as_literals_of_its_types():
+    flags = dict(flag.removeprefix("--").split("=", 1) for flag in nanogpt_flags(load_config("cpu", []), 100, "cpu"))
+    # nanoGPT's configurator evaluates each value as a literal (else keeps the string) and asserts
+    # that its type is the type of train.py's default: a float must stay a float even when whole.
+    defaults = {"n_layer": 12, "block_size": 1024, "dropout": 0.0, "bias": False, "learning_rate": 6e-4,
+                "min_lr": 6e-5, "warmup_iters": 2000, "max_iters": 600000, "lr_decay_iters": 600000,
+                "weight_decay": 1e-1, "beta2": 0.95, "grad_clip": 1.0, "eval_iters": 200, "log_interval": 1,
+                "always_save_checkpoint": True, "compile": True, "device": "cuda", "dtype": "float16"}
+    for key, default in defaults.items():
+        try:
+            value = ast.literal_eval(flags[key])
+        except (SyntaxError, ValueError):
+            value = flags[key]
+        assert type(value) is type(default), (key, flags[key])
+    assert (flags["n_layer"], flags["block_size"], flags["learning_rate"], flags["max_iters"]) == \
+        ("4", "128", "0.002", "1500")
+    assert flags["lr_decay_iters"] == flags["max_iters"] and flags["eval_interval"] == "100"
+
+
+def test_the_nanogpt_arm_reads_train_pys_iteration_lines_and_leaves_its_evaluations_out():
+    iter_num, lossf, dt, running_mfu = 12, 2.34567, 0.15234, -1.0
+    line = f"iter {iter_num}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%"  # train.py's print
+    assert ITERATION.match(line).groups() == ("12", "152.34")
+    # Steps 0..5, evaluations (and saves) at the start of steps 0 and 4: step 4 took 0.5 s more than
+    # the median iteration (0.1 s), which is evaluation time, not training.
+    times = {0: 2.0, 1: 0.1, 2: 0.1, 3: 0.12, 4: 0.6, 5: 0.1}
+    trained, evaluating = train_seconds(times, interval=4, warmup=1, steps=6)
+    assert trained == pytest.approx(0.1 + 0.1 + 0.12 + 0.1 + 0.1)
+    assert evaluating == pytest.approx(0.5)

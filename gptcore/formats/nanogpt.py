@@ -142,5 +142,10 @@ def nanogpt_files(state: dict, model: ModelConfig, vocab: list[str], dataset: st
                "iter_num": step, "best_val_loss": best_val_loss, "config": {"dataset": dataset}}
     buffer = io.BytesIO()
     torch.save(nanogpt, buffer)
+    return {"ckpt.pt": buffer.getvalue(), "meta.pkl": meta_pickle(vocab)}
+
+
+def meta_pickle(vocab: list[str]) -> bytes:
+    """A character vocabulary as nanoGPT's prepare.py writes it to data/<dataset>/meta.pkl."""
     meta = {"vocab_size": len(vocab), "itos": dict(enumerate(vocab)), "stoi": {ch: i for i, ch in enumerate(vocab)}}
-    return {"ckpt.pt": buffer.getvalue(), "meta.pkl": pickle.dumps(meta)}
+    return pickle.dumps(meta)
