@@ -275,6 +275,22 @@ def report(results: dict[str, list[dict]], target: float) -> list[str]:
     return lines
 
 
+def stepwise(results: dict[str, list[dict]]) -> list[str]:
+    """Each arm's final loss against the arm listed before it (Welch's t on the seeds): what each
+    technique of a cumulative ablation bought at an equal number of steps."""
+    lines = ["| arm | final val | change from the arm before | Welch p |", "|---|---|---|---|"]
+    before = None
+    for arm, runs in results.items():
+        finals = [run["final_val"] for run in runs]
+        change = p = ""
+        if before and len(finals) > 1 and len(before) > 1:
+            change, (_, p) = f"{statistics.mean(finals) - statistics.mean(before):+.4f}", welch(finals, before)
+            p = f"{p:.2g}"
+        lines.append(f"| {arm} | {mean_std(finals, 4)} | {change} | {p} |")
+        before = finals
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", help="the baseline's preset (default cpu)")
@@ -307,7 +323,7 @@ def main() -> None:
         saved = json.loads(Path(args.report).read_text())
         results = saved["results"]
         target = args.target or statistics.mean(r["final_val"] for r in next(iter(results.values())))
-        print("\n".join(report(results, target)))
+        print("\n".join(report(results, target) + [""] + stepwise(results)))
         return
     if args.block_cost:
         print("| block | forward + backward ms (min-max) | vs GPT-2 |\n|---|---|---|")
@@ -348,7 +364,7 @@ def main() -> None:
     target = args.target or statistics.mean(r["final_val"] for r in results[arms[0]])
     if args.json:
         Path(args.json).write_text(json.dumps({"target": target, "results": results}, indent=1))
-    print("\n".join(report(results, target)))
+    print("\n".join(report(results, target) + [""] + stepwise(results)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_time_to_loss import incomplete_beta, report, time_to, welch  # noqa: E402
+from bench_time_to_loss import incomplete_beta, report, stepwise, time_to, welch  # noqa: E402
 from nanogpt_arm import ITERATION, nanogpt_flags, train_seconds  # noqa: E402
 
 from gptcore.config import load_config  # noqa: E402
@@ -82,3 +82,12 @@ def test_the_nanogpt_arm_reads_train_pys_iteration_lines_and_leaves_its_evaluati
     trained, evaluating = train_seconds(times, interval=4, warmup=1, steps=6)
     assert trained == pytest.approx(0.1 + 0.1 + 0.12 + 0.1 + 0.1)
     assert evaluating == pytest.approx(0.5)
+
+
+def test_an_ablation_row_compares_an_arm_with_the_one_before_it():
+    results = {"adamw": [run(2.30, [(350, 50.0, 2.30)]), run(2.24, [(350, 50.0, 2.24)])],
+               "+muon": [run(1.76, [(350, 60.0, 1.76)]), run(1.75, [(350, 60.0, 1.75)])]}
+    rows = stepwise(results)
+    assert rows[2] == "| adamw | 2.2700 ± 0.0424 |  |  |"
+    _, p = welch([1.76, 1.75], [2.30, 2.24])
+    assert rows[3] == f"| +muon | 1.7550 ± 0.0071 | -0.5150 | {p:.2g} |"
