@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO, write_corpus
 from doc_commands import every_command, split
+from gptcore.data.corpus import corpus_dir, read_meta
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,7 @@ def test_the_docs_commands_run_as_typed_in_reading_order(tmp_path):
     bring_the_readers_files(home)
     follower = subprocess.Popen([sys.executable, "-c", FOLLOWER], cwd=home, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = {}
     try:
         for index, command in enumerate(commands):
             argv = session_argv(command)
@@ -123,9 +125,14 @@ def test_the_docs_commands_run_as_typed_in_reading_order(tmp_path):
             assert "Traceback" not in done["stderr"], f"{command}\n{done['stderr'][-3000:]}"
             for path in outputs(argv):
                 assert (home / path).exists(), f"{command} did not write {path}"
+            printed[command] = done["stdout"]
     finally:
         follower.stdin.close()
         follower.wait(timeout=60)
+    # The main job trains on the corpus env/setup.sh fetched: no text of the reader's is needed.
+    meta = read_meta(corpus_dir("shakespeare", "none"))
+    assert f"vocab {meta['vocab_size']} characters, train {meta['train_tokens']:,} tokens" in \
+        printed["gptcore train --config fast out_dir=runs/fast"]
     finished = " ".join(commands)
     # The reader's flow reached its ends: a fine-tuned book model quantized, a report, a GGUF file.
     for end in ("runs/book/ckpt_int8.pt", "runs/fast/report", "runs/cpu/model-q8_0.gguf"):

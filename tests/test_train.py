@@ -115,13 +115,3 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpu
     result = run_gptcore("train", *common, "resume=auto", "train.lr=1e30", "train.grad_clip=0")
     assert_one_line_error(result, 1, "NaN/inf", "step 10")
     assert (run_dir / "ckpt.pt").read_bytes() == good
-
-
-def test_the_default_corpus_trains_without_a_path(tmp_path):
-    """data.path's default, the corpus env/setup.sh downloads: no file of the user's needed."""
-    from gptcore.data.corpus import corpus_dir, read_meta
-
-    result = run_gptcore("train", "--config", "tiny", "train.device=cpu", f"out_dir={tmp_path / 't'}")
-    assert result.returncode == 0, result.stderr
-    meta = read_meta(corpus_dir("shakespeare", "none"))
-    assert f"vocab {meta['vocab_size']} characters, train {meta['train_tokens']:,} tokens" in result.stdout
