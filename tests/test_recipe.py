@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,14 @@ ALL = {key: value for option in OPTIONS.values() for key, value in option.items(
 ALL_OVERRIDES = [f"model.{key}={value}" for key, value in ALL.items()]
 RECIPE = ["train.optimizer=muon", "train.schedule=wsd", "train.decay_frac=0.4", *ALL_OVERRIDES]
 TINY = ["--config", "tiny", "train.device=cpu", "train.log_interval=1", "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory, corpus) -> Path:
+    """A tiny run with Muon, wsd and every block option, whose checkpoint the tests only read."""
+    run = tmp_path_factory.mktemp("recipe") / "run"
+    assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run}", *RECIPE).returncode == 0
+    return run
 
 
 def options_model(options: dict, seed: int = 0, **shape) -> GPT:
@@ -181,11 +190,9 @@ def test_a_two_rank_run_resumes_a_one_rank_checkpoint(optimizer, tolerance, tmp_
 
 
 @pytest.mark.slow
-def test_fine_tuning_from_a_recipe_checkpoint_keeps_its_options(tmp_path, corpus):
-    base = tmp_path / "base"
-    assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={base}", *RECIPE).returncode == 0
+def test_fine_tuning_from_a_recipe_checkpoint_keeps_its_options(tmp_path, corpus, recipe_run):
     tuned = run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'tuned'}",
-                        f"train.init_from={base / 'ckpt.pt'}", "train.max_iters=5", "train.optimizer=muon")
+                        f"train.init_from={recipe_run / 'ckpt.pt'}", "train.max_iters=5", "train.optimizer=muon")
     assert tuned.returncode == 0, tuned.stderr
     saved = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)["config"]["model"]
     assert saved["position"] == "rotary" and saved["tie_head"] is False and saved["mlp"] == "relu2"
@@ -206,13 +213,12 @@ def test_fsdp_trains_the_block_options_and_refuses_muon(tmp_path, corpus):
     assert not (tmp_path / "muon").exists()
 
 
-def test_a_recipe_model_samples_quantizes_and_refuses_gpt2_exports_in_one_line(tmp_path, corpus, capsys):
-    run = tmp_path / "run"
-    assert run_gptcore("train", *TINY, f"data.path={corpus}", f"out_dir={run}", *RECIPE).returncode == 0
+def test_a_recipe_model_samples_quantizes_and_refuses_gpt2_exports_in_one_line(tmp_path, capsys, recipe_run):
+    run = recipe_run
     fp32 = gptcore_here(capsys, "sample", "--ckpt", run / "ckpt.pt", "--tokens", "30", "--temperature", "0")
     assert fp32.returncode == 0, fp32.stderr
     quantized = gptcore_here(capsys, "quantize", "--ckpt", run / "ckpt.pt", "--mode", "int8", "--out",
-                             run / "ckpt_int8.pt")
+                             run / "ckpt_int8.pt")  # beside the run's data, which eval reads
     assert quantized.returncode == 0, quantized.stderr
     evaluated = gptcore_here(capsys, "eval", "--ckpt", run / "ckpt_int8.pt")
     assert evaluated.returncode == 0, evaluated.stderr
