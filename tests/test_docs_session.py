@@ -64,7 +64,6 @@ def bring_the_readers_files(home: Path) -> None:
              for i in range(3)]
     (home / "doc.txt").unlink()
     (home / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (home / "analysis").symlink_to(REPO / "analysis")  # `python -m analysis.report`, run from the checkout's root
 
 
 # One interpreter follows the whole session, so that torch is imported once rather than once per
@@ -104,8 +103,10 @@ def test_the_docs_commands_run_as_typed_in_reading_order(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     bring_the_readers_files(home)
+    # This checkout's gptcore and analysis/, as from its root, where the docs' commands are typed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     follower = subprocess.Popen([sys.executable, "-c", FOLLOWER], cwd=home, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                stdout=subprocess.PIPE, text=True, env=env)
     printed = {}
     try:
         for index, command in enumerate(commands):
