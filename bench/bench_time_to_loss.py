@@ -54,6 +54,7 @@ ARMS = {
     "+qk_norm": ("{config}", SHORT + MUON + WSD + BLOCK[:2]),
     "+rotary": ("{config}", SHORT + MUON + WSD + BLOCK[:3]),
     "+zero_init": ("{config}", SHORT + MUON + WSD + BLOCK[:4]),  # + an untied head: the fast preset
+    "fast-gelu": ("fast", SHORT + ["model.mlp=gelu"]),  # the fast preset with GPT-2's MLP instead of ReLU²
     # Fine-tuning (with --init-from): the finetune preset, and without its dropout.
     "finetune": ("finetune", []),
     "finetune-dropout0": ("finetune", ["model.dropout=0.0"]),
