@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def run(args, evaluation_every) -> dict:
         (data / "meta.pkl").write_bytes(meta_pickle(vocab))
         for name in NANOGPT_FILES:
             (scratch / name).symlink_to(checkout / name)
-        saved, times, output = scratch / "saved", {}, []
+        saved, times, output = scratch / "saved", {}, deque(maxlen=30)  # the tail, for a failure
         saved.mkdir()
         flags = nanogpt_flags(config, interval, device.type)
         with subprocess.Popen([sys.executable, "train.py", *flags], cwd=scratch, stdout=subprocess.PIPE,
@@ -133,7 +134,7 @@ def run(args, evaluation_every) -> dict:
                     if step and step % interval == 0:  # this iteration began with a save, now complete
                         (scratch / "out" / "ckpt.pt").rename(saved / f"{step}.pt")
         if process.returncode != 0 or len(times) <= t.max_iters:
-            sys.exit(f"bench_time_to_loss: nanoGPT's train.py failed:\n{''.join(output[-30:])}")
+            sys.exit(f"bench_time_to_loss: nanoGPT's train.py failed:\n{''.join(output)}")
         torch.set_num_threads(t.threads or usable_cpus())  # as our arms evaluate
         dtype = autocast_dtype(config, device)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
