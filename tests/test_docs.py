@@ -84,14 +84,9 @@ def help_text(*program: str) -> str:
 
 
 def check(command: str) -> None:
-    words = shlex.split(command, comments=True)
-    env = {}
-    while words and re.match(r"^[A-Z_]+=", words[0]):  # CONFIG=tiny EXTRA="..." sbatch ...
-        key, value = words.pop(0).split("=", 1)
-        env[key] = value
+    env, words = split(command)
     if not words or words[0] in OTHERS:
         return
-    words = [word.removeprefix(".venv/bin/") for word in words]
     config, overrides = env.get("CONFIG"), shlex.split(env.get("EXTRA", ""))
     if words[0] in ("sbatch", "bash"):
         script = next(word for word in words[1:] if word.endswith((".sbatch", ".sh")))

@@ -68,7 +68,7 @@ def test_every_sweep_in_the_docs_plans_as_typed(tmp_path):
         def value(flag, default):
             return args[args.index(flag) + 1] if flag in args else default
         sizes, repeats = value("--gpus", "").split(","), int(value("--repeats", "1"))
-        strategies = value("--parallel", "").split(",") if "--parallel" in args else [""]
+        strategies = value("--parallel", "").split(",")  # [""]: one strategy, the config's
         jobs = result.stdout.splitlines()[1:-1]
         assert result.stdout.startswith(f"would submit {len(sizes) * repeats * len(strategies)} job(s)"), result.stdout
         overrides = [arg for arg in args if "=" in arg and not arg.startswith("--")]
