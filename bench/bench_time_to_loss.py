@@ -74,23 +74,26 @@ def run_one(args) -> dict:
     from gptcore.config import load_config
     from gptcore.telemetry.profiling import PhaseTimer
     from gptcore.training.evaluation import evaluate_full
-    from gptcore.training.train import Trainer
+    from gptcore.cluster import distributed
+    from gptcore.training.parts import compose
+    from gptcore.training.rundir import RunLock
+    from gptcore.training.step import train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.preset, json.loads(args.overrides) + [
             f"out_dir={tmp}/run", f"data.path={args.data}", f"train.seed={args.seed}", "train.sample_tokens=0",
             "profile.sampler=false", "log.tensorboard=false", "profile.comm=false"])
-        trainer = Trainer(config)
+        lock = RunLock(Path(config.out_dir))
         try:
-            trainer.setup()
-            t, model = config.train, trainer.model
-            timer = PhaseTimer(trainer.device, enabled=False)
-            sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+            parts = compose(config, distributed.read_contract(), lock, print)
+            t, model = config.train, parts.model
+            timer = PhaseTimer(parts.device, enabled=False)
+            sync = torch.cuda.synchronize if parts.device.type == "cuda" else (lambda: None)
             curve, trained, warmup, evaluating = [], 0.0, 0.0, 0.0
             every = evaluation_every(args.every, t.max_iters)
             for step in range(t.max_iters):
                 start = time.perf_counter()
-                trainer.train_step(step, timer)
+                train_step(parts, step, timer)
                 sync()
                 elapsed = time.perf_counter() - start
                 if step < args.warmup:
@@ -100,14 +103,13 @@ def run_one(args) -> dict:
                 done = step + 1
                 if done == t.max_iters or (done % every == 0 and done >= args.eval_from * t.max_iters):
                     start = time.perf_counter()
-                    val = evaluate_full(model, trainer.batches, "val", args.eval_rows, trainer.autocast)
+                    val = evaluate_full(model, parts.batches, "val", args.eval_rows, parts.autocast)
                     evaluating += time.perf_counter() - start
                     curve.append({"step": done, "train_s": round(trained, 3), "val": round(val, 5)})
                     if not math.isfinite(val):
                         break
         finally:
-            trainer.lock.release()
-            from gptcore.cluster import distributed
+            lock.release()
             distributed.shutdown()
     return {"preset": args.preset, "overrides": json.loads(args.overrides), "seed": args.seed,
             "max_iters": config.train.max_iters, "warmup_s": round(warmup, 3), "eval_s": round(evaluating, 3),

@@ -118,17 +118,19 @@ def cmd_train(args) -> None:
         started = time.monotonic()
         trainer = Trainer(config)
         result = trainer.run()
-        if trainer.is_main and trainer.start_step >= config.train.max_iters:
-            ckpt = trainer.checkpointer.path
-            print(f"{result.out_dir} is complete: its checkpoint is at step {trainer.start_step}/{config.train.max_iters}, "
-                  f"so nothing was trained or sampled; gptcore sample --ckpt {ckpt}, or train on with a larger "
-                  "train.max_iters")
+        if not trainer.contract.is_main:
             return
-        finished = result.final_step == config.train.max_iters
-        if finished and trainer.is_main and config.train.sample_tokens:
+        if result.start_step >= config.train.max_iters:
+            print(f"{result.out_dir} is complete: its checkpoint is at step {result.start_step}/{config.train.max_iters}, "
+                  f"so nothing was trained or sampled; gptcore sample --ckpt {result.checkpoint}, or train on with a "
+                  "larger train.max_iters")
+            return
+        if result.final_step < config.train.max_iters:
+            return
+        if config.train.sample_tokens:
             from gptcore.inference.generate import generate_text, load_model
 
-            loaded = load_model(trainer.checkpointer.path, str(trainer.device))
+            loaded = load_model(result.checkpoint, str(result.device))
             text, speed = generate_text(loaded, "\n", config.train.sample_tokens, seed=config.train.seed)
             print(f"--- sample ({config.train.sample_tokens} tokens, {speed:.0f} tokens/s on {loaded.device}) ---")
             print(text.strip("\n"))
@@ -136,16 +138,15 @@ def cmd_train(args) -> None:
             from gptcore.telemetry.sinks import add_sample_text
 
             add_sample_text(config, result.out_dir, result.final_step, text)
-        if finished and trainer.is_main:
-            print(training_summary(result, trainer.best_val, trainer.checkpointer.path, format_eta(time.monotonic() - started),
-                                   bits_unit(trainer.batches.meta["vocab"])))
-            shared = session_load(result.out_dir, trainer.start_step) if config.profile.sampler else None
-            if shared:
-                print(shared)
+        print(training_summary(result, format_eta(time.monotonic() - started), bits_unit(result.vocab)))
+        shared = session_load(result.out_dir, result.start_step) if config.profile.sampler else None
+        if shared:
+            print(shared)
 
 
-def training_summary(result, best_val: float, ckpt, took: str, unit: str = "bits/char") -> str:
+def training_summary(result, took: str, unit: str = "bits/char") -> str:
     """The end of a finished training: how it went, where the model is, what to run next."""
+    best_val, ckpt = result.best_val, result.checkpoint
     best = f"best val loss {best_val:.4f} ({best_val / math.log(2):.3f} {unit})" if math.isfinite(best_val) else \
         "no evaluation"
     out = result.out_dir
