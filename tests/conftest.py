@@ -19,6 +19,7 @@ import torch
 from gptcore.cpus import usable_cpus
 from gptcore.files import atomic_write_bytes
 from gptcore.telemetry.metrics import read_metrics
+from warm_start import WarmStarter, warm_enough
 
 # The suite runs on 2 cores beside subprocess ranks: one intra-op thread avoids oversubscription.
 torch.set_num_threads(1)
@@ -113,11 +114,24 @@ def wait_until(condition, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+STARTER: list[WarmStarter] = []  # this worker's, started by its first command
+
+
 def run_gptcore(*args, timeout: int = 300, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`python -m gptcore ARGS` as a user would run it; output captured as text."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gptcore", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    """`python -m gptcore ARGS` as a user would run it, output captured as text: a process of its
+    own, forked from a warm interpreter where that is the same (warm_start)."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full_env, argv = {**base, **(env or {})}, [str(a) for a in args]
+    if not STARTER:
+        STARTER.append(WarmStarter(REPO, base))
+    starter = STARTER[0]
+    if warm_enough(full_env, starter.env) and starter.lock.acquire(blocking=False):
+        try:
+            return starter.run("gptcore", argv, cwd, full_env, timeout)
+        finally:
+            starter.lock.release()
+    return subprocess.run([sys.executable, "-m", "gptcore", *argv], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def gptcore_here(capsys, *args) -> subprocess.CompletedProcess:

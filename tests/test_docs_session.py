@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, write_corpus
 from doc_commands import every_command, split
+from warm_start import WarmStarter
 from gptcore.data.corpus import corpus_dir, read_meta
 
 pytestmark = pytest.mark.slow
@@ -66,30 +65,6 @@ def bring_the_readers_files(home: Path) -> None:
     (home / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-# One interpreter follows the whole session, so that torch is imported once rather than once per
-# command: each command is its program's own entry point called with the docs' words, in the
-# session's directory, its output kept apart; a command that raised leaves its traceback there.
-FOLLOWER = """
-import contextlib, io, json, sys, traceback
-import analysis.report
-from gptcore.cli import main as gptcore
-for line in sys.stdin:
-    request = json.loads(line)
-    argv, out, err = request["argv"], io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = (gptcore if argv[0] == "gptcore" else analysis.report.main)(argv[1:])
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    with open(request["result"], "w") as result:
-        json.dump({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}, result)
-    print("done", flush=True)
-"""
-
-
 def outputs(argv: list[str]) -> list[str]:
     """The files and directories a command says it writes: --out PATH, and out_dir's checkpoint."""
     made = [argv[argv.index("--out") + 1]] if "--out" in argv else []
@@ -103,33 +78,27 @@ def test_the_docs_commands_run_as_typed_in_reading_order(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     bring_the_readers_files(home)
-    # This checkout's gptcore and analysis/, as from its root, where the docs' commands are typed.
+    # This checkout's gptcore and analysis/, as from its root, where the docs' commands are typed;
+    # each command a process forked from one interpreter that imported torch once (warm_start).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER], cwd=home, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env=env)
+    starter = WarmStarter(home, env)
     printed = {}
     try:
-        for index, command in enumerate(commands):
+        for command in commands:
             argv = session_argv(command)
             for needed, source in NANOGPT_FILES.items():
                 if needed in argv and not (home / needed).exists():
                     (home / needed).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(home / source, home / needed)
-            result = tmp_path / f"result{index}.json"
-            follower.stdin.write(json.dumps({"argv": argv, "result": str(result)}) + "\n")
-            follower.stdin.flush()
-            while follower.stdout.readline() not in ("done\n", ""):
-                pass  # whatever else the command printed to the file descriptor itself
-            assert result.exists(), f"{command}: the session ended (exit {follower.wait()})"
-            done = json.loads(result.read_text())
-            assert done["code"] == 0, f"{command}\n{done['stdout'][-2000:]}\n{done['stderr'][-3000:]}"
-            assert "Traceback" not in done["stderr"], f"{command}\n{done['stderr'][-3000:]}"
+            module = "gptcore" if argv[0] == "gptcore" else argv[0]
+            done = starter.run(module, argv[1:], home, env, timeout=300)
+            assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+            assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-3000:]}"
             for path in outputs(argv):
                 assert (home / path).exists(), f"{command} did not write {path}"
-            printed[command] = done["stdout"]
+            printed[command] = done.stdout
     finally:
-        follower.stdin.close()
-        follower.wait(timeout=60)
+        starter.close()
     # The main job trains on the corpus env/setup.sh fetched: no text of the reader's is needed.
     meta = read_meta(corpus_dir("shakespeare", "none"))
     assert f"vocab {meta['vocab_size']} characters, train {meta['train_tokens']:,} tokens" in \
