@@ -22,9 +22,9 @@ SCRIPT = ["bash", "env/local_slurm.sh"]
 # One rank per node; no GPUs, so the test does not depend on the cluster's fake gres count.
 TWO_NODES = ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"]
 TINY = ["train.device=cpu", "train.sample_tokens=0"]
-# Long enough (~10 s on two ranks) for a kill or a signal to land mid-run, with checkpoints to resume from.
-LONG_STEPS = 1000
-LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=1000"]
+# Long enough (~6 s on two ranks) for a kill or a signal at step 200 to land mid-run, with checkpoints to resume from.
+LONG_STEPS = 600
+LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=100", "train.ckpt_interval=100", "train.eval_interval=600"]
 
 
 def netns_usable() -> bool:
@@ -212,7 +212,7 @@ def test_a_dead_node_requeues_the_job_which_resumes_when_the_node_returns(cluste
 def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cluster, corpus, tmp_path, launcher,
                                                                              parallel):
     run_dir = tmp_path / "run"
-    iters = LONG_STEPS if parallel == "ddp" else 600  # FSDP's steps are several collectives each over the bridge
+    iters = LONG_STEPS if parallel == "ddp" else 400  # FSDP's steps are several collectives each over the bridge
     job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG, f"train.max_iters={iters}",
                          extra=f"train.parallel={parallel}")
     wait_until(lambda: f"step 200/{iters}" in cluster.log(job), 90, "step 200")

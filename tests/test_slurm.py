@@ -42,10 +42,11 @@ ENV = local_cluster_env()
 pytestmark = [pytest.mark.skipif(ENV is None, reason="no local Slurm cluster (`bash env/local_slurm.sh start`)"),
               pytest.mark.slow, pytest.mark.slurm_cluster("one-node")]
 
-# A tiny run that lasts ~10 s on two ranks, so that a signal can catch it mid-way.
-LONG_STEPS = 1000
-LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=50", "train.eval_interval=500"]
-SHORTER = ["train.max_iters=600", "train.log_interval=50", "train.eval_interval=600"]
+# A tiny run that lasts ~5 s on two ranks (a signal sent at step 50 to 150 catches it mid-way).
+LONG_STEPS = 500
+LONG = [f"train.max_iters={LONG_STEPS}", "train.log_interval=50", "train.eval_interval=250"]
+SHORTER_STEPS = 400  # FSDP's steps take longer
+SHORTER = [f"train.max_iters={SHORTER_STEPS}", "train.log_interval=50", f"train.eval_interval={SHORTER_STEPS}"]
 
 
 def run(*args, timeout=30, env=None) -> str:
@@ -158,7 +159,7 @@ def test_scancel_of_a_sharded_run_checkpoints_and_a_resubmission_resumes_it(jobs
     """SIGTERM to a train.parallel=fsdp run (whose steps cost more collectives on a tiny model: fewer of them)."""
     env = {"CONFIG": "tiny", "EXTRA": "train.device=cpu train.sample_tokens=0 train.parallel=fsdp"}
     job, run_dir = cancelled_at("test-fsdp-cancel", 100, jobs, corpus, SHORTER, env)
-    stopped = re.search(r"stopped by SIGTERM at step (\d+)/600: checkpoint (\S+) saved",
+    stopped = re.search(rf"stopped by SIGTERM at step (\d+)/{SHORTER_STEPS}: checkpoint (\S+) saved",
                         log_text("test-fsdp-cancel", job))
     assert stopped and stopped.group(2) == f"runs/test-fsdp-cancel-{job}/ckpt-{int(stopped.group(1)):08d}"
     again = jobs.sbatch("--job-name=test-fsdp-cancel", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *SHORTER,
@@ -166,8 +167,8 @@ def test_scancel_of_a_sharded_run_checkpoints_and_a_resubmission_resumes_it(jobs
     assert wait_until_ended(ENV, again, 150) == "COMPLETED", log_text("test-fsdp-cancel", again)
     assert f"resumed from {stopped.group(2)} at step {stopped.group(1)}" in log_text("test-fsdp-cancel", again)
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
-    assert logged == sorted(set(logged)) and logged[-1] == 600  # none repeated
-    assert [p.name for p in run_dir.glob("ckpt-*")] == ["ckpt-00000600"]
+    assert logged == sorted(set(logged)) and logged[-1] == SHORTER_STEPS  # none repeated
+    assert [p.name for p in run_dir.glob("ckpt-*")] == [f"ckpt-{SHORTER_STEPS:08d}"]
 
 
 @pytest.fixture(scope="module")
