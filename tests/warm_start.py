@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -45,15 +46,22 @@ class WarmStarter:
         self.lock = threading.Lock()
         self.process = subprocess.Popen([sys.executable, __file__, *PRELOAD], cwd=cwd, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
+        self.unread = b""  # what the starter wrote beyond the last line read
         self.reply(600)
 
-    def reply(self, timeout: float | None) -> dict:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the warm starter ended (status {self.process.wait()})")
+    def reply(self, timeout: float) -> dict:
+        """The starter's next line. Read from the descriptor itself: a buffered reader may take two
+        lines at once (the pid, then a quick command's status), and select() would not see the second."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.unread:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the warm starter ended (status {self.process.wait()})")
+            self.unread += chunk
+        line, self.unread = self.unread.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
