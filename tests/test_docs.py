@@ -44,7 +44,7 @@ RUN_BY = {
     "EXTRA=train.parallel=fsdp sbatch slurm/train_4gpu.sbatch":
         "test_slurm.py::test_fsdp_on_the_four_rank_template_shards_its_checkpoint_and_quantize_reads_it",
     "sbatch -p gpu -t 4:00:00 slurm/train_2gpu.sbatch train.lr=6e-4":
-        "test_slurm.py::test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters",
+        "test_slurm.py::test_usr1_requeues_and_a_late_sigterm_to_the_rerun_resumes_it_to_exactly_max_iters",
     "sbatch slurm/train_1gpu.sbatch": "test_slurm.py::test_extra_overrides_are_never_glob_expanded",
     "sbatch --parsable slurm/train_1gpu.sbatch":
         "test_slurm.py::test_a_job_submitted_from_outside_the_repository_is_explained_by_the_monitor",

@@ -189,7 +189,10 @@ def same_model(run_dir, weights: dict) -> bool:
     return saved["step"] == LONG_STEPS and all(torch.equal(saved["model"][name], weights[name]) for name in weights)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus, straight):
+def test_usr1_requeues_and_a_late_sigterm_to_the_rerun_resumes_it_to_exactly_max_iters(jobs, corpus, straight):
+    """USR1 checkpoints and requeues. A SIGTERM that then reaches the rerun's step alone, as one
+    from the previous run's srun can (its step has the same id), stops it with a checkpoint, and
+    the batch script, which no scancel has ended, resumes it."""
     job = jobs.sbatch("--job-name=test-preempt", "slurm/train_2gpu.sbatch", f"data.path={corpus}", *LONG,
                       "train.sample_tokens=0", env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     run_dir = REPO / "runs" / f"test-preempt-{job}"
@@ -198,14 +201,19 @@ def test_usr1_checkpoints_requeues_and_resumes_to_exactly_max_iters(jobs, corpus
     assert row[2] == "RUNNING" and row[4].endswith(f"/{LONG_STEPS}")
 
     run("scancel", "--signal=USR1", job)
+    wait_until(lambda: "resumed from" in log_text("test-preempt", job), 90, "the requeued run's resume")
+    run("scancel", "--signal=TERM", job)  # the steps only, not the batch shell
     assert wait_until_ended(ENV, job, 150) == "COMPLETED", log_text("test-preempt", job)
     log = log_text("test-preempt", job)
     assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log
     assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
+    rerun = log[log.index("restart 1"):]
+    assert "stopped by SIGTERM at step" in rerun and "resuming it (1 of 3)" in rerun, rerun
     assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert logged == list(range(50, LONG_STEPS + 1, 50))  # every step once: none lost, none repeated
     assert same_model(run_dir, straight)
+    assert not (run_dir / "stop.mark").exists()
 
 
 def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):

@@ -152,19 +152,22 @@ def end_set_up(why: str) -> None:
     os._exit(0)
 
 
-def requeue_slurm_job() -> str | None:
-    """Requeue this Slurm job, or, where the batch script asks for it (GPTCORE_REQUEUE_MARK, set by
-    slurm/common.sh), leave it a mark to requeue the job once every rank has exited. Returns what
-    was done, for the log; None outside Slurm or when scontrol fails."""
+def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
+    """After a stop by a signal under Slurm: where the batch script asks for it (GPTCORE_STOP_MARK,
+    set by slurm/common.sh), leave it a mark naming the signal and whether to requeue, which it acts
+    on once every rank has exited; elsewhere requeue the job here if REQUEUE. Returns what was done
+    to requeue, for the log; None when nothing was (outside Slurm, no requeue, scontrol failed)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return None
-    mark = os.environ.get("GPTCORE_REQUEUE_MARK")
+    mark = os.environ.get("GPTCORE_STOP_MARK")
     if mark:
         from gptcore.files import atomic_write_bytes  # (here: this module is imported before torch)
 
-        atomic_write_bytes(Path(mark), (job_id + "\n").encode())
-        return f"the batch script requeues Slurm job {job_id} once every rank has exited"
+        atomic_write_bytes(Path(mark), f"{stopped_by.replace(' ', '_')} {'requeue' if requeue else 'stop'}\n".encode())
+        return f"the batch script requeues Slurm job {job_id} once every rank has exited" if requeue else None
+    if not requeue:
+        return None
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         print(f"gptcore: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from gptcore.cluster import distributed, preemption
-from gptcore.cluster.preemption import requeue_slurm_job
 from gptcore.config import Config
 from gptcore.training.evaluation import evaluate
 from gptcore.training.parts import Parts, compose
@@ -112,7 +111,8 @@ class Trainer:
         if stopped_by:
             self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {p.checkpointer.path} saved; "
                      "a rerun with resume=auto continues from it")
-            if preemption.FLAG.requeues and t.requeue and self.contract.is_main and (requeued := requeue_slurm_job()):
+            requeue = preemption.FLAG.requeues and t.requeue
+            if self.contract.is_main and (requeued := preemption.tell_slurm(stopped_by, requeue)):
                 self.log(f"{requeued}; it resumes from {p.checkpointer.path}")
         return TrainResult(p.start_step, step, loss_value, val_loss, p.best_val, stopped_by is not None,
                            Path(self.config.out_dir), p.checkpointer.path, p.device, p.batches.meta["vocab"])
