@@ -13,7 +13,6 @@ presets' losses and wall times with Welch's t-test.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import statistics
 import subprocess
@@ -34,13 +33,12 @@ def full_val_loss(run_dir: Path) -> float:
     from gptcore.data.batches import Batches
     from gptcore.inference.generate import eval_data, load_model
     from gptcore.training.evaluation import evaluate_full
-    from gptcore.training.setup import autocast_dtype
+    from gptcore.training.setup import autocast_context
 
     loaded = load_model(run_dir / "ckpt.pt", "cpu")
     with tempfile.TemporaryDirectory() as scratch:  # the run's data: beside it, or its named corpus
         batches = Batches(eval_data(loaded, None, Path(scratch)), loaded.config.model.block_size, seed=0)
-        dtype = autocast_dtype(loaded.config, torch.device("cpu"))  # as the run trained and evaluated
-        autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = autocast_context(loaded.config, torch.device("cpu"))  # as the run trained and evaluated
         return evaluate_full(loaded.model, batches, "val", 64, autocast)
 
 

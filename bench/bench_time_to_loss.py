@@ -163,13 +163,13 @@ def block_cost(preset: str, rounds: int) -> list[str]:
 
     from gptcore.config import load_config
     from gptcore.models.gpt import GPT
-    from gptcore.training.setup import autocast_dtype
+    from gptcore.training.setup import autocast_context
 
     config = load_config(preset, [])
     options = {"gpt2": [], "rotary": ["model.position=rotary"], "qk_norm": ["model.qk_norm=true"],
                "rmsnorm": ["model.norm=rmsnorm"], "relu2": ["model.mlp=relu2"], "untied": ["model.tie_head=false"],
                "fast's": BLOCK + ["model.tie_head=false"]}
-    dtype = autocast_dtype(config, torch.device("cpu"))
+    autocast = autocast_context(config, torch.device("cpu"))
     models = {}
     for name, extra in options.items():
         model_config = load_config(preset, extra).model
@@ -181,7 +181,7 @@ def block_cost(preset: str, rounds: int) -> list[str]:
         for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
             start = time.perf_counter()
             for _ in range(3):
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                with autocast:
                     _, loss = models[name](x, x)
                 loss.backward()
             times[name].append((time.perf_counter() - start) / 3 * 1000)

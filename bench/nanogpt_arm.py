@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections import deque
-from contextlib import nullcontext
 from pathlib import Path
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
@@ -97,7 +96,7 @@ def run(args, evaluation_every) -> dict:
     from gptcore.formats.nanogpt import import_checkpoint, meta_pickle
     from gptcore.models.gpt import GPT
     from gptcore.training.evaluation import evaluate_full
-    from gptcore.training.setup import autocast_dtype
+    from gptcore.training.setup import autocast_context
 
     checkout = check_checkout(args.nanogpt)
     config = load_config(args.preset, [*json.loads(args.overrides), f"data.path={args.data}"])
@@ -136,8 +135,7 @@ def run(args, evaluation_every) -> dict:
         if process.returncode != 0 or len(times) <= t.max_iters:
             sys.exit(f"bench_time_to_loss: nanoGPT's train.py failed:\n{''.join(output)}")
         torch.set_num_threads(t.threads or usable_cpus())  # as our arms evaluate
-        dtype = autocast_dtype(config, device)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        autocast = autocast_context(config, device)
         batches = Batches(prepared, config.model.block_size, args.seed, device=device)
         curve, evaluating = [], 0.0
         for step in sorted(int(path.stem) for path in saved.glob("*.pt")):

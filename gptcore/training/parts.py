@@ -5,7 +5,6 @@ model as parallelize wrapped it (DDP or FSDP2), the optimizer and the numerics. 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from gptcore.telemetry.profiling import AllReduceTimer
 from gptcore.telemetry.sinks import check_sinks
 from gptcore.training.evaluation import still_finite
 from gptcore.training.rundir import RunLock, claim, move_aside
-from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_dtype, build_model, check_memory, compiles,
+from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_context, autocast_dtype, build_model, check_memory, compiles,
                                     describe_model, describe_settings, load_batches, start_rank, starting_weights)
 
 
@@ -105,7 +104,7 @@ def compose(config: Config, contract: distributed.RankContract, lock: RunLock, l
                            t.activation_checkpointing, comm.hook if comm else None)
     optimizer = make_optimizer(model, config)  # over the parameters as parallelize left them
     parts = Parts(config, contract, log, threads, device, checkpointer, batches, global_batch, model, parallel,
-                  optimizer, comm, probe, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext(),
+                  optimizer, comm, probe, autocast_context(config, device),
                   str(dtype).replace("torch.", "") if dtype else "float32",
                   t.peak_tflops or hardware.peak_tflops(hardware.device_name(device), dtype, tf32=not t.deterministic))
     if resume_state:
