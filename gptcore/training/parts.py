@@ -25,8 +25,8 @@ from gptcore.telemetry.profiling import AllReduceTimer
 from gptcore.telemetry.sinks import check_sinks
 from gptcore.training.evaluation import still_finite
 from gptcore.training.rundir import RunLock, claim, move_aside
-from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_context, autocast_dtype, build_model, check_memory, compiles,
-                                    describe_model, describe_settings, load_batches, start_rank, starting_weights)
+from gptcore.training.setup import (EARLIER_RUN_FILES, autocast_context, autocast_dtype, build_model, check_memory,
+                                    compiles, describe_model, describe_settings, load_batches, start_rank, starting_weights)
 
 
 @dataclass

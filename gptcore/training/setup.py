@@ -38,11 +38,11 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if choice == "bfloat16" else None
 
 
-
 def autocast_context(config: Config, device: torch.device):
     """What the forward passes of a run with CONFIG on DEVICE run under: autocast_dtype's, or nothing."""
     dtype = autocast_dtype(config, device)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
 
 def compiles(config: Config, device: torch.device) -> bool:
     """torch.compile on CUDA by default (nanoGPT: ~1.8x per iteration); on the CPU it did not pay
