@@ -70,45 +70,36 @@ train_with() {
     local extra=()
     read -r -a extra <<< "${EXTRA:-}"
     local args=(-m gptcore train --config "${CONFIG:-seed}" "out_dir=$RUN_DIR" resume=auto "${extra[@]}" "$@")
-    # On a stop by a signal the trainer checkpoints and leaves this mark (the signal, and whether to
-    # requeue) rather than requeueing from inside the step: a requeue cancels the step, and
+    # On a stop by a signal the trainer checkpoints and leaves this mark (the signal, and requeue,
+    # resume or stop) rather than requeueing from inside the step: a requeue cancels the step, and
     # torchrun, cancelled while its workers exit, dies with a traceback. Here the step has ended
     # cleanly first.
     export GPTCORE_STOP_MARK="$RUN_DIR/stop.mark"
     # The job says where its run is, for launch/monitor.py (squeue's %k, sacct's Comment).
     scontrol update JobId="$SLURM_JOB_ID" Comment="gptcore run_dir=$(realpath -m "$RUN_DIR")" >/dev/null 2>&1 || true
-    local status stopped_by action resumes=0
+    local status action resumes=0
     while :; do
         rm -f "$GPTCORE_STOP_MARK"
         status=0
         run_training "$launcher" "${args[@]}" || status=$?
-        stopped_by="" action=""
+        action=""
         if [ "$status" -eq 0 ] && [ -e "$GPTCORE_STOP_MARK" ]; then
-            read -r stopped_by action < "$GPTCORE_STOP_MARK" || true
+            read -r _ action < "$GPTCORE_STOP_MARK" || true
         fi
         rm -f "$GPTCORE_STOP_MARK"
         if [ "$action" = requeue ]; then
             echo "gptcore: requeued Slurm job $SLURM_JOB_ID; it resumes from $RUN_DIR/ckpt.pt"
             scontrol requeue "$SLURM_JOB_ID" || status=$?
-        elif [ "$stopped_by" = SIGTERM ] && [ "$resumes" -lt 3 ] && stray_sigterm; then
-            # After a requeue the job's previous run can still be signalling its training step for up
-            # to KillWait, and this run's first step has the same id (JOB.0): its SIGTERM reaches
-            # the step, but never this shell, which a scancel, a time limit or a preemption would
-            # end. The resumed step is JOB.1, which that srun does not know.
+        elif [ "$action" = resume ] && [ "$resumes" -lt 3 ]; then
+            # A SIGTERM from the job's run before its requeue (gptcore.cluster.preemption.stray_sigterm);
+            # the resumed step is JOB.1, which that run's srun does not know.
             resumes=$((resumes + 1))
-            echo "gptcore: the training step stopped on a SIGTERM that this job did not get (a late one from" \
-                 "its run before the requeue); resuming it ($resumes of 3)"
+            echo "gptcore: the training stopped on a SIGTERM that this job did not get (a late one from its run" \
+                 "before the requeue); resuming it ($resumes of 3)"
             continue
         fi
         return "$status"
     done
-}
-
-# Whether a SIGTERM that stopped the training step came from outside this job's own end: the job
-# was requeued before (only its previous run signals a step of the same id) and is still running.
-stray_sigterm() {
-    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] &&
-        scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=RUNNING'
 }
 
 # run_training srun|torchrun ARGS...: the training step itself (see train_with).

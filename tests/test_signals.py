@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, wait_until
+from gptcore.cluster.preemption import stray_sigterm
 from gptcore.checkpointing.sharded import open_checkpoint
 
 # Each test sends signals to several ranks at seeded moments: tens of seconds in all.
@@ -162,3 +163,12 @@ def test_a_sigterm_to_a_one_rank_sharded_run_saving_every_other_step_leaves_a_wh
     assert open_checkpoint(run_dir)["step"] == step and sorted(p.name for p in run_dir.glob("*ckpt-*")) == [
         f"ckpt-{step:08d}"]
 
+
+@pytest.mark.parametrize("stopped_by, restarts", [("SIGTERM", "0"), ("SIGTERM", ""), ("SIGUSR1", "1"),
+                                                  ("SIGUSR2", "1"), ("its launcher's exit", "1")])
+def test_only_a_sigterm_in_a_requeued_job_may_be_a_stray_one(monkeypatch, stopped_by, restarts):
+    """A job's first run has no earlier run to send it a late signal, and only SIGTERM is what a
+    step's end sends. (The stray case, a step-only SIGTERM after a requeue, is in test_slurm.py.)"""
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    assert not stray_sigterm(stopped_by)

@@ -154,9 +154,10 @@ def end_set_up(why: str) -> None:
 
 def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
     """After a stop by a signal under Slurm: where the batch script asks for it (GPTCORE_STOP_MARK,
-    set by slurm/common.sh), leave it a mark naming the signal and whether to requeue, which it acts
-    on once every rank has exited; elsewhere requeue the job here if REQUEUE. Returns what was done
-    to requeue, for the log; None when nothing was (outside Slurm, no requeue, scontrol failed)."""
+    set by slurm/common.sh), leave it a mark naming the signal and what to do once every rank has
+    exited (requeue, resume a stray SIGTERM's stop, or stop); elsewhere requeue the job here if
+    REQUEUE. Returns what was done to requeue, for the log; None when nothing was (outside Slurm,
+    no requeue, scontrol failed)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return None
@@ -164,7 +165,8 @@ def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
     if mark:
         from gptcore.files import atomic_write_bytes  # (here: this module is imported before torch)
 
-        atomic_write_bytes(Path(mark), f"{stopped_by.replace(' ', '_')} {'requeue' if requeue else 'stop'}\n".encode())
+        action = "requeue" if requeue else "resume" if stray_sigterm(stopped_by) else "stop"
+        atomic_write_bytes(Path(mark), f"{stopped_by.replace(' ', '_')} {action}\n".encode())
         return f"the batch script requeues Slurm job {job_id} once every rank has exited" if requeue else None
     if not requeue:
         return None
@@ -173,3 +175,18 @@ def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
         print(f"gptcore: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr)
         return None
     return f"requeued Slurm job {job_id}"
+
+
+def stray_sigterm(stopped_by: str | None) -> bool:
+    """Whether a stop by SIGTERM came from outside this Slurm job's own end. After a requeue the
+    job's previous run can still be signalling its training step for up to KillWait, and the
+    rerun's first step has the same id (JOB.0); a scancel, a time limit or a preemption would
+    have taken the job out of RUNNING. So: the job was requeued before and is still running."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if stopped_by != "SIGTERM" or not job_id or os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0"):
+        return False
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "JobState=RUNNING" in shown.stdout.split()
