@@ -5,7 +5,9 @@
 - SIGUSR2: what submitit's jobs get for the same; submitit requeues them itself.
 - SIGTERM: `scancel`, a time limit without `--signal`, a preemption with GraceTime, a plain kill.
   Checkpoint and stop, without a requeue: a user's scancel sends it too, and nothing tells the two
-  apart (Slurm requeues preempted jobs itself where the cluster's PreemptMode says so).
+  apart (Slurm requeues preempted jobs itself where the cluster's PreemptMode says so). The one
+  SIGTERM the templates resume from is a stray one (stray_sigterm): a requeued job's previous run
+  signalling the step that now has its old id.
 The handlers are installed when a training command starts, before any set-up, and stay until it
 ends, its final sample included: a signal then never ends the process with a signal status
 (which marks a finished job FAILED and holds back `--dependency=afterok` jobs). The training loop
