@@ -33,12 +33,13 @@ def full_val_loss(run_dir: Path) -> float:
     from gptcore.data.batches import Batches
     from gptcore.inference.generate import eval_data, load_model
     from gptcore.training.evaluation import evaluate_full
-    from gptcore.training.setup import autocast_context
+    from gptcore.training.setup import autocast_context, autocast_dtype
 
     loaded = load_model(run_dir / "ckpt.pt", "cpu")
     with tempfile.TemporaryDirectory() as scratch:  # the run's data: beside it, or its named corpus
         batches = Batches(eval_data(loaded, None, Path(scratch)), loaded.config.model.block_size, seed=0)
-        autocast = autocast_context(loaded.config, torch.device("cpu"))  # as the run trained and evaluated
+        cpu = torch.device("cpu")
+        autocast = autocast_context(autocast_dtype(loaded.config, cpu), cpu)  # as the run trained and evaluated
         return evaluate_full(loaded.model, batches, "val", 64, autocast)
 
 

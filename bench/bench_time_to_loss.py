@@ -163,13 +163,14 @@ def block_cost(preset: str, rounds: int) -> list[str]:
 
     from gptcore.config import load_config
     from gptcore.models.gpt import GPT
-    from gptcore.training.setup import autocast_context
+    from gptcore.training.setup import autocast_context, autocast_dtype
 
     config = load_config(preset, [])
     options = {"gpt2": [], "rotary": ["model.position=rotary"], "qk_norm": ["model.qk_norm=true"],
                "rmsnorm": ["model.norm=rmsnorm"], "relu2": ["model.mlp=relu2"], "untied": ["model.tie_head=false"],
                "fast's": BLOCK + ["model.tie_head=false"]}
-    autocast = autocast_context(config, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    autocast = autocast_context(autocast_dtype(config, cpu), cpu)
     models = {}
     for name, extra in options.items():
         model_config = load_config(preset, extra).model

@@ -96,7 +96,7 @@ def run(args, evaluation_every) -> dict:
     from gptcore.formats.nanogpt import import_checkpoint, meta_pickle
     from gptcore.models.gpt import GPT
     from gptcore.training.evaluation import evaluate_full
-    from gptcore.training.setup import autocast_context
+    from gptcore.training.setup import autocast_context, autocast_dtype
 
     checkout = check_checkout(args.nanogpt)
     config = load_config(args.preset, [*json.loads(args.overrides), f"data.path={args.data}"])
@@ -135,7 +135,7 @@ def run(args, evaluation_every) -> dict:
         if process.returncode != 0 or len(times) <= t.max_iters:
             sys.exit(f"bench_time_to_loss: nanoGPT's train.py failed:\n{''.join(output)}")
         torch.set_num_threads(t.threads or usable_cpus())  # as our arms evaluate
-        autocast = autocast_context(config, device)
+        autocast = autocast_context(autocast_dtype(config, device), device)
         batches = Batches(prepared, config.model.block_size, args.seed, device=device)
         curve, evaluating = [], 0.0
         for step in sorted(int(path.stem) for path in saved.glob("*.pt")):

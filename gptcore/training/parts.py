@@ -104,7 +104,7 @@ def compose(config: Config, contract: distributed.RankContract, lock: RunLock, l
                            t.activation_checkpointing, comm.hook if comm else None)
     optimizer = make_optimizer(model, config)  # over the parameters as parallelize left them
     parts = Parts(config, contract, log, threads, device, checkpointer, batches, global_batch, model, parallel,
-                  optimizer, comm, probe, autocast_context(config, device),
+                  optimizer, comm, probe, autocast_context(dtype, device),
                   str(dtype).replace("torch.", "") if dtype else "float32",
                   t.peak_tflops or hardware.peak_tflops(hardware.device_name(device), dtype, tf32=not t.deterministic))
     if resume_state:

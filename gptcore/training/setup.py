@@ -38,9 +38,8 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if choice == "bfloat16" else None
 
 
-def autocast_context(config: Config, device: torch.device):
-    """What the forward passes of a run with CONFIG on DEVICE run under: autocast_dtype's, or nothing."""
-    dtype = autocast_dtype(config, device)
+def autocast_context(dtype: torch.dtype | None, device: torch.device):
+    """What the forward passes on DEVICE run under: autocast to DTYPE (autocast_dtype's), or nothing."""
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
