@@ -70,8 +70,8 @@ train_with() {
     local extra=()
     read -r -a extra <<< "${EXTRA:-}"
     local args=(-m gptcore train --config "${CONFIG:-seed}" "out_dir=$RUN_DIR" resume=auto "${extra[@]}" "$@")
-    # On a stop by a signal the trainer checkpoints and leaves this mark (the signal, and requeue,
-    # resume or stop) rather than requeueing from inside the step: a requeue cancels the step, and
+    # On a stop by a signal the trainer checkpoints and leaves this mark (requeue, resume or stop)
+    # rather than requeueing from inside the step: a requeue cancels the step, and
     # torchrun, cancelled while its workers exit, dies with a traceback. Here the step has ended
     # cleanly first.
     export GPTCORE_STOP_MARK="$RUN_DIR/stop.mark"
@@ -84,7 +84,7 @@ train_with() {
         run_training "$launcher" "${args[@]}" || status=$?
         action=""
         if [ "$status" -eq 0 ] && [ -e "$GPTCORE_STOP_MARK" ]; then
-            read -r _ action < "$GPTCORE_STOP_MARK" || true
+            read -r action < "$GPTCORE_STOP_MARK" || true
         fi
         rm -f "$GPTCORE_STOP_MARK"
         if [ "$action" = requeue ]; then
