@@ -7,7 +7,9 @@ import pstats
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -15,6 +17,7 @@ import pytest
 
 from analysis.runs import merged_profile, top_functions
 from conftest import REPO, run_metrics
+from gptcore.telemetry.profiling import LoopProfiler
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,50 @@ def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
     top = top_functions(merged_profile(files), 25)
     names = {row["function"] for row in top}
     assert {"train_step", "backward", "forward"} <= names
+    # Once per step on each rank, never counted as recursive (what Python 3.12's cProfile gets
+    # wrong unaided: LoopProfiler's test below).
+    assert [(primitive, total) for (_, _, name), (primitive, total, *_) in merged_profile(files).stats.items()
+            if name == "train_step"] == [(40, 40)]
     # Profiling starts after set-up: no import machinery at the top, no evaluation, no sampling thread.
     assert not any("importlib" in row["file"] for row in top)
     assert not any(name in ("evaluate", "_run", "sample") for _, _, name in merged_profile(files).stats)
+
+
+def test_the_loop_profile_holds_the_training_threads_calls_alone(tmp_path):
+    """Python 3.12+'s cProfile, left alone, also counts other threads' calls and mistakes the return
+    of a bound method around a C function (a pybind11 method) for a Python frame's."""
+    stop = threading.Event()
+
+    def side_work():
+        return sum(range(100))
+
+    def side_thread():
+        while not stop.is_set():
+            side_work()
+
+    c_method = types.MethodType(dir, types.SimpleNamespace())
+
+    def one_step():
+        for _ in range(3):
+            c_method()
+        time.sleep(0.001)  # the side thread runs meanwhile
+
+    thread = threading.Thread(target=side_thread, daemon=True)
+    thread.start()
+    profiler = LoopProfiler(tmp_path, rank=0, enabled=True)
+    with profiler.active():
+        for _ in range(20):
+            one_step()
+            with profiler.paused():
+                side_work()
+    stop.set()
+    thread.join()
+    profiler.dump()
+    stats = pstats.Stats(str(tmp_path / "profile" / "rank0.prof")).stats
+    calls = {name: (primitive, total) for (_, _, name), (primitive, total, *_) in stats.items()}
+    assert calls["one_step"] == (20, 20)
+    assert calls["<built-in method builtins.dir>"] == (60, 60)
+    assert "side_work" not in calls and "side_thread" not in calls
 
 
 def test_phases_are_timed_every_logged_step(profiled):

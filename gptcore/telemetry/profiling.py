@@ -12,10 +12,13 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from types import BuiltinFunctionType, MethodType
 
 import torch
 
@@ -154,9 +157,68 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+# The sys.monitoring events through which cProfile hears calls (CPython's _lsprof, 3.12 and later);
+# the last three carry the callable.
+CPROFILE_EVENTS = ("PY_START", "PY_RESUME", "PY_THROW", "PY_RETURN", "PY_YIELD", "PY_UNWIND",
+                   "CALL", "C_RETURN", "C_RAISE")
+CALLABLE_EVENTS = ("CALL", "C_RETURN", "C_RAISE")
+
+
+def heed_only_this_thread() -> None:
+    """Make the enabled cProfile see what it saw before Python 3.12: the calls of the calling thread.
+
+    From 3.12 cProfile listens through sys.monitoring, and two things then garble its one call
+    stack, so that calls count as recursive and train_step drops out of the top functions:
+    - every thread's calls reach it, the loop's side threads' too (watchdog, signal guard,
+      checkpoint writer, sampler);
+    - a bound method around a C function (every pybind11 method: DDP's reducer, a process
+      group) is announced by CALL as the method and by C_RETURN as the function, so the
+      return pops a Python frame instead (CPython issue 122029).
+    Its callbacks are wrapped to pass on this thread's events only, naming such a call by its
+    function both times."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+        return
+    tool, this_thread = monitoring.PROFILER_ID, threading.get_ident()
+    events = monitoring.get_events(tool)
+    monitoring.set_events(tool, 0)  # none of the swap's own calls are heard
+    for name in CPROFILE_EVENTS:
+        event = getattr(monitoring.events, name)
+        callback = monitoring.register_callback(tool, event, None)
+        if callback is not None:
+            wrap = _c_call_from_thread if name in CALLABLE_EVENTS else _from_thread
+            monitoring.register_callback(tool, event, wrap(this_thread, callback))
+    monitoring.set_events(tool, events)
+
+
+def _from_thread(thread: int, callback):
+    get_ident = threading.get_ident
+
+    def forward(*args):
+        if get_ident() == thread:
+            return callback(*args)
+        return None
+
+    return forward
+
+
+def _c_call_from_thread(thread: int, callback):
+    get_ident = threading.get_ident
+
+    def forward(code, offset, called, arg0):
+        if get_ident() == thread:
+            if type(called) is MethodType and type(called.__func__) is BuiltinFunctionType:
+                called = called.__func__
+            return callback(code, offset, called, arg0)
+        return None
+
+    return forward
+
+
 class LoopProfiler:
-    """cProfile over the training loop only (not imports, eval, checkpointing or sampling),
-    dumped per rank to <run>/profile/rank<R>.prof with a readable top-25 beside it."""
+    """cProfile over the training loop only (not imports, eval, checkpointing or sampling), and
+    over the training thread only, dumped per rank to <run>/profile/rank<R>.prof with a readable
+    top-25 beside it."""
 
     def __init__(self, run_dir: Path, rank: int, enabled: bool):
         self.enabled = enabled
@@ -168,7 +230,7 @@ class LoopProfiler:
         if not self.enabled:
             yield
             return
-        self.profile.enable()
+        self._enable()
         try:
             yield
         finally:
@@ -183,7 +245,11 @@ class LoopProfiler:
         try:
             yield
         finally:
-            self.profile.enable()
+            self._enable()
+
+    def _enable(self) -> None:
+        self.profile.enable()
+        heed_only_this_thread()
 
     def dump(self) -> None:
         if not self.enabled:
