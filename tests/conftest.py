@@ -98,6 +98,13 @@ def one_test_per_cluster(request):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torchrun_logs_where_pytest_cleans_up(tmp_path_factory):
+    """torchrun leaves a /tmp/torchelastic_* folder behind after every run; the tests' torchruns
+    (and the Slurm jobs they submit) put theirs in this session's temporary folder instead."""
+    os.environ["PET_LOG_DIR"] = str(tmp_path_factory.mktemp("torchrun-logs"))
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
