@@ -3,6 +3,7 @@ as one rank, sharded checkpoints that resume bit-identically and on another numb
 never a half-written one, and one file for sample / eval / quantize from `gptcore export`."""
 
 import dataclasses
+import io
 import os
 import pickle
 import shutil
@@ -11,11 +12,14 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path, PosixPath
+
 import psutil
 import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_gptcore, run_metrics
+from gptcore.checkpointing.dcp_io import MetadataUnpickler
 from gptcore.checkpointing.sharded import newest
 
 # 20 steps of 2 micro-batches each, a loss logged at every step; no dropout, so that runs on
@@ -171,6 +175,14 @@ def test_a_checkpoint_killed_mid_write_is_never_loaded(tmp_path, corpus):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {kept} at step" in resumed.stdout
     assert not list(run_dir.glob(".ckpt-*.tmp"))  # the half-written one was cleared by the next save
+
+
+def test_the_path_in_sharded_metadata_reads_whichever_python_wrote_it():
+    """DCP pickles the checkpoint's path into its metadata: as pathlib.PosixPath up to Python 3.12,
+    as pathlib._local.PosixPath from 3.13. Both are read, on any Python."""
+    assert MetadataUnpickler(io.BytesIO(pickle.dumps(Path("/runs/ckpt"))), Path("ckpt")).load() == Path("/runs/ckpt")
+    for module in ("pathlib", "pathlib._local"):
+        assert MetadataUnpickler(io.BytesIO(), Path("ckpt")).find_class(module, "PosixPath") is PosixPath
 
 
 class RunsCode:

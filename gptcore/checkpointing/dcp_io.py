@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,13 +31,18 @@ class MetadataUnpickler(pickle.Unpickler):
             "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
             "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
     } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+         ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    # The checkpoint's own path, which Python 3.13 and later pickle as pathlib._local's class:
+    # either name builds a plain path, whichever Python wrote or reads the file.
+    PATH_NAMES = {("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}
 
     def __init__(self, handle, source: Path):
         super().__init__(handle)
         self.source = source
 
     def find_class(self, module: str, name: str):
+        if (module, name) in self.PATH_NAMES:
+            return PosixPath
         if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise UserInputError(f"checkpoint {self.source} wants to run code when loaded (its metadata names "
