@@ -103,6 +103,15 @@ def rank_hosts(log: str) -> dict[int, str]:
     return {int(rank): host for rank, host in re.findall(r"^rank (\d+)/2 on (\S+?): \d+ thread", log, re.M)}
 
 
+def tracebacks(log: str) -> list[str]:
+    """The log's tracebacks, less the one torchrun's own race can log: the agent that hosts the
+    rendezvous store may leave the exit barrier and close the store while another node's agent
+    is still in it, which logs "Error waiting on exit barrier" and goes on (pytorch/pytorch#69520)."""
+    race = "Error waiting on exit barrier" in log
+    return [line for line in log.splitlines()
+            if "Traceback" in line and not (race and "elastic/agent/server/api.py" in line)]
+
+
 def checkpoint_step(run_dir: Path) -> int:
     """The step of a run's checkpoint: its ckpt.pt, or its newest sharded one (train.parallel=fsdp)."""
     from gptcore.checkpointing.checkpoint import load
@@ -220,7 +229,7 @@ def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cl
     assert wait_until_ended(cluster.env, job, 150) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log
-    assert "restart 1" in log and "resumed from" in log and "Traceback" not in log
+    assert "restart 1" in log and "resumed from" in log and not tracebacks(log), log
     assert job_info(cluster.env, job)["Restarts"] == "1" and sacct(cluster.env, job) == ["COMPLETED"]
     logged = [r["step"] for r in run_metrics(run_dir) if "loss" in r]
     assert logged == list(range(100, iters + 1, 100))  # every step once: none lost, none repeated
