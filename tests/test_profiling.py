@@ -17,7 +17,7 @@ import pytest
 
 from analysis.runs import merged_profile, top_functions
 from conftest import REPO, run_metrics
-from gptcore.telemetry.profiling import LoopProfiler
+from gptcore.telemetry.profiling import STEP_SPAN, LoopProfiler, TorchProfilerWindow
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,11 @@ def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
     # wrong unaided: LoopProfiler's test below).
     assert [(primitive, total) for (_, _, name), (primitive, total, *_) in merged_profile(files).stats.items()
             if name == "train_step"] == [(40, 40)]
-    # Profiling starts after set-up: no import machinery at the top, no evaluation, no sampling thread.
+    # Profiling starts after set-up: no import machinery at the top, no evaluation, no sampling thread,
+    # and not the torch.profiler window's own start and export.
     assert not any("importlib" in row["file"] for row in top)
-    assert not any(name in ("evaluate", "_run", "sample") for _, _, name in merged_profile(files).stats)
+    assert not any(name in ("evaluate", "_run", "sample", "export_chrome_trace")
+                   for _, _, name in merged_profile(files).stats)
 
 
 def test_the_loop_profile_holds_the_training_threads_calls_alone(tmp_path):
@@ -90,6 +92,23 @@ def test_the_loop_profile_holds_the_training_threads_calls_alone(tmp_path):
     # Python 3.10 does not report a C function called through a bound method to profilers at all.
     assert calls.get("<built-in method builtins.dir>", (60, 60)) == (60, 60)
     assert "side_work" not in calls and "side_thread" not in calls
+
+
+def test_the_torch_profiler_window_acts_on_its_own_steps_alone(tmp_path):
+    """The loop pauses cProfile around the window's calls only where acts() says they do something."""
+    window = TorchProfilerWindow(tmp_path, rank=0, start=2, steps=2, enabled=True)
+    acted = []
+    for step in range(6):
+        before = window.acts(step)
+        window.before_step(step)
+        after = window.acts(step)
+        window.after_step(step)
+        acted.append((before, after))
+    assert acted == [(False, False)] * 2 + [(True, True)] * 2 + [(False, False)] * 2
+    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
+    assert sum(event.get("name") == STEP_SPAN for event in trace["traceEvents"]) == 2
+    idle = TorchProfilerWindow(tmp_path / "off", rank=0, start=2, steps=2, enabled=False)
+    assert not any(idle.acts(step) for step in range(6))
 
 
 def test_phases_are_timed_every_logged_step(profiled):

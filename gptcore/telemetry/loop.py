@@ -98,16 +98,18 @@ class LoopTelemetry:
             yield
 
     def before_step(self, step: int) -> None:
-        with self.profiler.paused():  # the trace's own start and export stay out of cProfile
-            self.trace.before_step(step)
+        if self.trace.acts(step):
+            with self.profiler.paused():  # the trace's own start and export stay out of cProfile
+                self.trace.before_step(step)
 
     def step_done(self, step: int) -> None:
         """Step `step` (counted from 0) is done."""
         self.timer.step_done()
         if self.comm:
             self.comm.step_done()
-        with self.profiler.paused():
-            self.trace.after_step(step)
+        if self.trace.acts(step):
+            with self.profiler.paused():
+                self.trace.after_step(step)
         self.clock.window_steps += 1
         self.watchdog.beat(step + 1)
 

@@ -279,6 +279,11 @@ class TorchProfilerWindow:
         self.profiler = None
         self.span = None
 
+    def acts(self, step: int) -> bool:
+        """Whether before_step or after_step does anything at `step`: only then does the loop keep
+        them out of cProfile, as pausing and resuming it on every step would cost time itself."""
+        return self.profiler is not None or (self.enabled and step == self.start)
+
     def before_step(self, step: int) -> None:
         if self.enabled and step == self.start and self.profiler is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
