@@ -14,13 +14,16 @@ One task per GPU (tasks per node = gpus), each task one rank: submitit's
 TorchDistributedEnvironment exports RANK/WORLD_SIZE/MASTER_ADDR for the trainer. The run goes to
 runs/<job name>-<job id>/ unless out_dir=... is given. Preemption or the time limit: submitit
 sends USR2, the trainer checkpoints at the next step boundary, and submitit requeues the job
-with TrainTask.checkpoint(), which resumes from that checkpoint (resume=auto).
+with TrainTask.checkpoint(), which resumes from that checkpoint (resume=auto). A SIGTERM stops the
+run with a checkpoint and no requeue, except a late one that reaches the requeued job's step from
+its run before the requeue: the run resumes from it, as the sbatch templates' runs do.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import subprocess
@@ -41,6 +44,14 @@ from gptcore.errors import GptcoreError, UserInputError  # noqa: E402
 
 RUNS = REPO / "runs"
 EXECUTORS = ("auto", "slurm", "local")
+STRAY_RESUMES = 3  # as many as slurm/common.sh allows a job
+
+
+def resume_port(job_id: str, resume: int) -> int:
+    """The process group's port for the job's resume number `resume` after a stray SIGTERM: the
+    same on every rank, drawn from the job id as submitit draws the first one (in 20000-60000),
+    so that jobs sharing a node rarely meet on a port."""
+    return random.Random(f"{job_id} resume {resume}").randint(20000, 60000)
 
 
 def run_dir(runs: Path, job_name: str, job_id: str) -> Path:
@@ -71,6 +82,18 @@ class TrainTask(submitit.helpers.Checkpointable):
         config = load_config(self.config, [f"out_dir={out_dir}", "resume=auto", "train.requeue=false",
                                            *self.overrides])
         result = Trainer(config).run()
+        for resume in range(1, STRAY_RESUMES + 1):
+            if not (result.preempted and preemption.stray_sigterm(preemption.FLAG.name)):
+                break
+            # A late SIGTERM from this job's run before its requeue (preemption.stray_sigterm). A
+            # submitit job has one srun step, so the run resumes in this process, in a second
+            # process group whose store listens on a port of its own: the first one's can stay held
+            # until the process exits (pytorch/pytorch#62314).
+            os.environ["MASTER_PORT"] = str(resume_port(job_env.job_id, resume))
+            if job_env.global_rank == 0:
+                print("gptcore: the training stopped on a SIGTERM that this job did not get (a late one from its "
+                      f"run before the requeue); resuming it ({resume} of {STRAY_RESUMES})", flush=True)
+            result = Trainer(config).run()
         if result.preempted and preemption.FLAG.requeues:
             # The trainer has saved a checkpoint at a step boundary and given submitit its handler
             # back; raising the signal again lets it call checkpoint() and requeue (rank 0 exits there).

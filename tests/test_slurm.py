@@ -239,7 +239,11 @@ def test_multinode_template_starts_torchrun_per_node(jobs, corpus):
     assert run_metrics(REPO / "runs" / f"test-torchrun-{job}")[-1]["step"] == 20
 
 
-def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corpus, tmp_path):
+def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption_and_a_late_sigterm(jobs, corpus, tmp_path,
+                                                                                         straight):
+    """USR2 checkpoints and submitit requeues. A SIGTERM that then reaches the rerun's step alone,
+    as one from the previous run's srun can, stops it with a checkpoint, and the task resumes it in
+    its own process, to the same weights as a straight run."""
     command = [sys.executable, "launch/submit.py", "--config", "tiny", "--gpus", "2", "--executor", "slurm",
                "--folder", str(tmp_path), "--job-name", "test-submit", f"data.path={corpus}", *LONG,
                "train.sample_tokens=0", "train.device=cpu"]
@@ -254,6 +258,8 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
             wait_until(lambda: rank0_log.exists() and f"step 50/{LONG_STEPS}" in rank0_log.read_text(), 60,
                        "the first logged step")
             run("scancel", "--signal=USR2", job)  # what Slurm sends submitit jobs before the time limit
+            wait_until(lambda: "resumed from" in rank0_log.read_text(), 90, "the requeued run's resume")
+            run("scancel", "--signal=TERM", job)  # the step only, not the batch shell
             out, err = process.communicate(timeout=150)
         finally:
             process.kill()
@@ -262,8 +268,11 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption(jobs, corp
     assert out.strip() == str(run_dir)
     log = rank0_log.read_text()
     assert "world_size=2 launcher=submitit" in log and "resumed from" in log
+    rerun = log[log.index("resumed from"):]
+    assert "stopped by SIGTERM at step" in rerun and "resuming it (1 of 3)" in rerun, rerun
     assert [r["step"] for r in run_metrics(run_dir) if "loss" in r] == list(range(50, LONG_STEPS + 1, 50))
-    assert job_info(ENV, job)["Restarts"] == "1"
+    assert job_info(ENV, job)["Restarts"] == "1" and sacct(ENV, job) == ["COMPLETED"]
+    assert same_model(run_dir, straight)
 
 
 def test_scancel_stops_at_a_step_with_a_checkpoint_and_a_resubmission_ends_like_a_straight_run(jobs, corpus,

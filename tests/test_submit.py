@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, assert_one_line_error, run_metrics
 from gptcore.errors import UserInputError
-from launch.submit import executor_parameters
+from launch.submit import executor_parameters, resume_port
 
 
 def submit(*args, timeout=240) -> subprocess.CompletedProcess:
@@ -69,6 +69,16 @@ def test_both_executors_are_asked_for_one_gpu_per_task():
     slurm = executor_parameters("slurm", 4, 2, "job", 10, "gpu", env={"CUDA_VISIBLE_DEVICES": "3"})
     assert (slurm["gpus_per_node"], slurm["nodes"], slurm["slurm_partition"]) == (4, 2, "gpu")
     assert "visible_gpus" not in slurm
+
+
+def test_every_rank_of_a_job_resumes_on_the_same_new_port():
+    """A resume after a stray SIGTERM forms a second process group in the same processes; the
+    ranks cannot talk before it exists, so each works out its port alone (the job on the Slurm
+    cluster is in test_slurm.py)."""
+    ports = [resume_port("4242", resume) for resume in (1, 2, 3)]
+    assert ports == [resume_port("4242", resume) for resume in (1, 2, 3)]
+    assert len(set(ports)) == 3 and all(20000 <= port <= 60000 for port in ports)
+    assert resume_port("4243", 1) != ports[0]
 
 
 @pytest.mark.slow
