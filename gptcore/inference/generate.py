@@ -22,6 +22,7 @@ from gptcore.data.corpus import CORPORA, ByteTokenizer, CharTokenizer, tokenizer
 from gptcore.data.prepare import resolve_data
 from gptcore.errors import UserInputError
 from gptcore.inference.quantize import CPU_ONLY_MODES, dequantized_model, model_from_quantized
+from gptcore.inference.weight_layout import column_major_linears
 from gptcore.models.gpt import GPT
 from gptcore.telemetry import hardware
 
@@ -92,12 +93,13 @@ def load_model(ckpt_path: Path, device: str = "auto", state: dict | None = None)
                              "retrain or re-export it") from None
     target = resolve_device(device, kind)
     path = checkpoint_directory(ckpt_path) if sharded else Path(ckpt_path)  # its run's data is beside it
-    return LoadedModel(model.to(target).eval(), tokenizer, config, kind, target, path)
+    return LoadedModel(column_major_linears(model.to(target).eval()), tokenizer, config, kind, target, path)
 
 
 def in_fp32(loaded: LoadedModel, state: dict) -> LoadedModel:
     """An int8/int4 model computing with its weights dequantized to fp32 once, at load."""
-    return replace(loaded, model=dequantized_model(state, loaded.config), weights="fp32", runs_as="weights in fp32")
+    model = column_major_linears(dequantized_model(state, loaded.config))
+    return replace(loaded, model=model, weights="fp32", runs_as="weights in fp32")
 
 
 def fastest_form(loaded: LoadedModel, state: dict) -> LoadedModel:
