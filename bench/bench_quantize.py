@@ -43,6 +43,7 @@ from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.inference.generate import evaluate, load_model  # noqa: E402
 from gptcore.models.gpt import GPT  # noqa: E402
+from gptcore.inference.weight_layout import column_major_linears  # noqa: E402
 from gptcore.inference.quantize import (  # noqa: E402
     Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, fp32_model_checkpoint, model_from_quantized,
     quantized_checkpoint)
@@ -134,7 +135,7 @@ def seed_shape_variants(config, vocab: list[str], tried: bool) -> dict[str, nn.M
     torch.manual_seed(0)
     fp32 = GPT(config.model).eval()
     state = {"model": fp32.state_dict(), "config": config.to_dict(), "vocab": vocab}
-    variants = {"fp32": fp32}
+    variants = {"fp32": column_major_linears(copy.deepcopy(fp32))}  # as gptcore loads fp32 on the CPU
     stored = {}
     for mode, group in MODES:
         quantized = quantized_checkpoint(state, mode, group)
