@@ -85,6 +85,8 @@ def test_the_check_runs_on_a_copy_like_the_device_machines_and_writes_the_table_
     for label in ("fp32 eager", "fp32 compiled", "bf16 eager", "bf16 compiled"):
         assert checks[f"tiny decode batch 1, {label}"]["value"].endswith("GB/s")
     assert any(check.startswith("tiny decode batch 1, int4 on the CPU") for check in checks)
+    layout = next(row for check, row in checks.items() if check.endswith("column-major vs row-major weights"))
+    assert layout["value"].endswith("x)") and " vs " in layout["value"]
     assert checks["tiny checkpoint (0 MB)"]["ok"] is True
     assert "ms/step" in checks["tiny + fast recipe, apart"]["value"]
     # The runs behind the rows are real, and trained on the carried text.
