@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, step_losses
 from gptcore.config import ModelConfig, TrainConfig, load_config
 from gptcore.inference.quantize import model_from_quantized, quantized_checkpoint
-from gptcore.models.gpt import GPT, parameter_count
+from gptcore.models.gpt import GPT, ReLUSquared, parameter_count
 from gptcore.models.optim import MuonAdamW, lr_factor, make_optimizer
 
 # Each block option alone at a value away from GPT-2's, and all of them together.
@@ -69,6 +69,20 @@ def test_each_block_option_decodes_the_same_tokens_with_and_without_the_cache(na
     model(cached[:, :10], cache=cache, pos=torch.arange(10))
     step = model.decode_step(cached[:, 10:11], torch.tensor([10]), cache)
     assert torch.allclose(step[:, -1], full[:, 10], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_gives_autograds_values_and_gradients_bit_for_bit(dtype):
+    h = torch.randn(4, 8, 64, dtype=dtype)
+    h[0, 0, :4] = 0.0  # relu's kink: autograd's gradient there is 0
+    grad = torch.randn_like(h)
+    ours, reference = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out = ReLUSquared.apply(ours)
+    expected = torch.relu(reference).square()
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(ours.grad, reference.grad)
+    assert torch.autograd.gradcheck(ReLUSquared.apply, torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
 
 
 def test_the_options_change_what_they_say_and_default_to_gpt2():
