@@ -199,12 +199,15 @@ def cmd_sample(args) -> None:
     from gptcore.checkpointing.sharded import open_checkpoint
     from gptcore.inference.generate import fastest_form, generate_text, in_fp32, load_model
     from gptcore.inference.quantize import CPU_ONLY_MODES
+    from gptcore.telemetry.hardware import check_cpu_compile
 
     if args.threads:
         torch.set_num_threads(args.threads)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     state = open_checkpoint(args.ckpt)
     loaded = load_model(args.ckpt, args.device, state)
+    if args.compile:
+        check_cpu_compile(loaded.device, "--compile", "sample without --compile")
     if loaded.kind in CPU_ONLY_MODES:
         if args.weights == "fp32":
             loaded = in_fp32(loaded, state)

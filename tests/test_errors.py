@@ -59,6 +59,19 @@ def test_checkpoint_errors(tmp_path, capsys):
     assert_error(capsys, 2, "cannot be read", args=["sample", "--ckpt", garbage])
 
 
+def test_a_cpu_compile_without_a_cpp_compiler_is_refused_before_anything_is_written(tmp_path, capsys, corpus):
+    """torch.compile builds its CPU kernels with a C++ compiler; on a machine without one (here CXX
+    names a compiler that does not exist) training and sampling say so instead of a traceback."""
+    no_compiler = {"CXX": str(tmp_path / "no-such-g++")}
+    refused = run_gptcore(*train_args(tmp_path, corpus, "train.device=cpu", "train.compile=true"), env=no_compiler)
+    assert_one_line_error(refused, 2, "train.compile=true", "C++ compiler", "no-such-g++", "train.compile=false")
+    assert not (tmp_path / "run").exists()
+    assert gptcore_here(capsys, *train_args(tmp_path, corpus, "train.max_iters=2", "train.sample_tokens=0")).returncode == 0
+    sampled = run_gptcore("sample", "--ckpt", tmp_path / "run" / "ckpt.pt", "--device", "cpu", "--compile",
+                          env=no_compiler)
+    assert_one_line_error(sampled, 2, "--compile", "C++ compiler", "sample without --compile")
+
+
 @pytest.mark.slow
 def test_truncated_checkpoint_and_prompt_outside_vocabulary(tmp_path, corpus):
     """As a user would meet them: real processes on a real, then damaged, checkpoint."""

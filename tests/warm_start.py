@@ -25,8 +25,9 @@ import time
 import traceback
 from pathlib import Path
 
-# Read by torch, OpenMP or Python themselves at start-up or import: a change needs a fresh process.
-STARTUP_PREFIXES = ("TORCH", "OMP_", "GOMP_", "KMP_", "MKL_", "CUDA", "PYTHON", "LD_", "NCCL", "GLOO")
+# Read by torch, OpenMP or Python themselves at start-up or import (CXX: by inductor's config): a
+# change needs a fresh process.
+STARTUP_PREFIXES = ("TORCH", "OMP_", "GOMP_", "KMP_", "MKL_", "CUDA", "PYTHON", "LD_", "NCCL", "GLOO", "CXX")
 # What the commands import, once, in the starter.
 PRELOAD = ("torch", "gptcore.cli", "gptcore.inference.generate", "gptcore.inference.quantize", "gptcore.training.train")
 

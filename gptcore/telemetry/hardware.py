@@ -1,4 +1,5 @@
-"""What the device can do: native bf16, dense peak FLOP/s and memory bandwidth of known GPUs.
+"""What the device can do: native bf16, compiled kernels on the CPU, dense peak FLOP/s and memory
+bandwidth of known GPUs.
 
 Peaks are the vendors' dense figures (no sparsity), looked up by the exact name CUDA reports, so
 that an H100 PCIe (756 TFLOP/s bf16) is never taken for an SXM card (989). A card not in the table
@@ -8,12 +9,15 @@ is "unknown": MFU and bandwidth utilization are then left out rather than guesse
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from gptcore.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,22 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_cpu_compile(device: torch.device, asked: str, instead: str) -> None:
+    """torch.compile builds its CPU kernels as C++ with the machine's compiler (inductor's own search:
+    $CXX, else g++). Where there is none, this says so in one line before anything starts, not
+    inductor in a traceback at the first compiled call. ASKED names the setting, INSTEAD the way out."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc  # only when a compile is asked: a second of imports
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise UserInputError(f"{asked} on the CPU needs a C++ compiler to build torch.compile's kernels, and "
+                             f"{os.environ.get('CXX', 'g++')} was not found: install one (Debian/Ubuntu: "
+                             f"apt install g++) or {instead}") from None
 
 
 def cuda_has_native_bf16() -> bool:

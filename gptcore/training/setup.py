@@ -111,6 +111,8 @@ def start_rank(config: Config, contract: distributed.RankContract) -> tuple[dist
     threads = distributed.thread_share(t.threads, t.cpu_ranks, contract)
     torch.set_num_threads(threads.count)
     device = distributed.choose_device(contract, t.device)
+    if compiles(config, device):
+        hardware.check_cpu_compile(device, "train.compile=true", "set train.compile=false")
     set_numerics(t.deterministic, device)
     distributed.preflight(contract, cuda_devices=torch.cuda.device_count() if device.type == "cuda" else 0)
     distributed.init_process_group(contract, device, t.timeout_s, str(Path(config.out_dir)),
