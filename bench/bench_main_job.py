@@ -2,17 +2,20 @@
 
     python bench/bench_main_job.py                          # cpu against fast, 3 rounds, default corpus
     python bench/bench_main_job.py --presets cpu,fast --rounds 5
+    python bench/bench_main_job.py --presets fast,fast:train.compile=true   # an arm with overrides
 
 Each round runs `gptcore train --config PRESET` for every preset as a whole process, alternating
 which goes first, and times it from start to exit (start-up, evaluations and the final sample
-included: what the user waits for). The model is then measured apart, untimed: the validation
-loss over the whole validation split (bench_time_to_loss's measure). The verdict compares the
-presets' losses and wall times with Welch's t-test.
+included: what the user waits for). An arm PRESET:KEY=VALUE[:KEY=VALUE...] adds overrides. Every
+run starts with an empty torch.compile cache, as a user's first run does. The model is then
+measured apart, untimed: the validation loss over the whole validation split (bench_time_to_loss's
+measure). The verdict compares the presets' losses and wall times with Welch's t-test.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -43,14 +46,17 @@ def full_val_loss(run_dir: Path) -> float:
         return evaluate_full(loaded.model, batches, "val", 64, autocast)
 
 
-def run(preset: str, data: str, tmp: Path, round_: int) -> dict:
-    out = tmp / f"{preset}-{round_}"
+def run(arm: str, data: str, tmp: Path, round_: int) -> dict:
+    preset, *overrides = arm.split(":")
+    out = tmp / f"{arm.replace(':', '+').replace('=', '-')}-{round_}"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out) + "-inductor"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "gptcore", "train", "--config", preset, f"out_dir={out}",
-                           f"data.path={data}", "log.tensorboard=false"], cwd=REPO, capture_output=True, text=True)
+                           f"data.path={data}", "log.tensorboard=false", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        sys.exit(f"bench_main_job: {preset} failed:\n{done.stderr[-2000:]}")
+        sys.exit(f"bench_main_job: {arm} failed:\n{done.stderr[-2000:]}")
     best = float(re.search(r"best val loss ([0-9.]+)", done.stdout).group(1))
     return {"wall_s": wall, "best_val": best, "full_val": full_val_loss(out)}
 
