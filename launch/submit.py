@@ -83,12 +83,12 @@ class TrainTask(submitit.helpers.Checkpointable):
                                            *self.overrides])
         result = Trainer(config).run()
         for resume in range(1, STRAY_RESUMES + 1):
-            if not (result.preempted and preemption.stray_sigterm(preemption.FLAG.name)):
+            if not result.stray_sigterm:
                 break
-            # A late SIGTERM from this job's run before its requeue (preemption.stray_sigterm). A
-            # submitit job has one srun step, so the run resumes in this process, in a second
-            # process group whose store listens on a port of its own: the first one's can stay held
-            # until the process exits (pytorch/pytorch#62314).
+            # A late SIGTERM from this job's run before its requeue (preemption.stray_sigterm: rank 0
+            # asked Slurm, every rank took its answer). A submitit job has one srun step, so the run
+            # resumes in this process, in a second process group whose store listens on a port of
+            # its own: the first one's can stay held until the process exits (pytorch/pytorch#62314).
             os.environ["MASTER_PORT"] = str(resume_port(job_env.job_id, resume))
             if job_env.global_rank == 0:
                 print("gptcore: the training stopped on a SIGTERM that this job did not get (a late one from its "

@@ -154,11 +154,11 @@ def end_set_up(why: str) -> None:
     os._exit(0)
 
 
-def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
+def tell_slurm(requeue: bool, stray: bool) -> str | None:
     """After a stop by a signal under Slurm: where the batch script asks for it (GPTCORE_STOP_MARK,
-    set by slurm/common.sh), leave it a mark saying what to do once every rank has exited (requeue,
-    resume after a stray SIGTERM, or stop); elsewhere requeue the job here if
-    REQUEUE. Returns what was done to requeue, for the log; None when nothing was (outside Slurm,
+    set by slurm/common.sh), leave it a mark saying what to do once every rank has exited (requeue
+    if REQUEUE, resume if the signal was a STRAY SIGTERM, else stop); elsewhere requeue the job here
+    if REQUEUE. Returns what was done to requeue, for the log; None when nothing was (outside Slurm,
     no requeue, scontrol failed)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
@@ -167,7 +167,7 @@ def tell_slurm(stopped_by: str, requeue: bool) -> str | None:
     if mark:
         from gptcore.files import atomic_write_bytes  # (here: this module is imported before torch)
 
-        action = "requeue" if requeue else "resume" if stray_sigterm(stopped_by) else "stop"
+        action = "requeue" if requeue else "resume" if stray else "stop"
         atomic_write_bytes(Path(mark), f"{action}\n".encode())
         return f"the batch script requeues Slurm job {job_id} once every rank has exited" if requeue else None
     if not requeue:

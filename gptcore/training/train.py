@@ -33,6 +33,7 @@ class TrainResult:
     val_loss: float | None
     best_val: float
     preempted: bool
+    stray_sigterm: bool  # stopped by a late SIGTERM of the job's run before its requeue (rank 0 asked Slurm)
     out_dir: Path
     checkpoint: Path
     device: torch.device
@@ -108,13 +109,16 @@ class Trainer:
             preemption.FLAG.phase = "done"
             telemetry.close()
         distributed.barrier()
+        stray = False
         if stopped_by:
             self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {p.checkpointer.path} saved; "
                      "a rerun with resume=auto continues from it")
+            # Rank 0 asks Slurm and every rank takes its answer, so that they resume or stop together.
+            stray = distributed.any_rank(self.contract.is_main and preemption.stray_sigterm(stopped_by), p.device)
             requeue = preemption.FLAG.requeues and t.requeue
-            if self.contract.is_main and (requeued := preemption.tell_slurm(stopped_by, requeue)):
+            if self.contract.is_main and (requeued := preemption.tell_slurm(requeue, stray)):
                 self.log(f"{requeued}; it resumes from {p.checkpointer.path}")
-        return TrainResult(p.start_step, step, loss_value, val_loss, p.best_val, stopped_by is not None,
+        return TrainResult(p.start_step, step, loss_value, val_loss, p.best_val, stopped_by is not None, stray,
                            Path(self.config.out_dir), p.checkpointer.path, p.device, p.batches.meta["vocab"])
 
 
