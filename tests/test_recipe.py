@@ -85,6 +85,23 @@ def test_relu_squared_gives_autograds_values_and_gradients_bit_for_bit(dtype):
     assert torch.autograd.gradcheck(ReLUSquared.apply, torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
 
 
+@pytest.mark.slow
+def test_a_compiled_training_step_with_every_block_option_equals_the_eager_one():
+    """What a GPU run does by default (train.compile=auto): one graph for the whole model, ReLU²'s
+    autograd Function included, with eager's loss and gradients."""
+    model = options_model(ALL).train()
+    x = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(2))
+    losses, grads = [], []
+    for forward in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        _, loss = forward(x, x)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_the_options_change_what_they_say_and_default_to_gpt2():
     gpt2 = options_model({})
     assert "wpe" in gpt2.transformer and gpt2.lm_head.weight is gpt2.transformer.wte.weight
