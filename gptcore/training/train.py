@@ -108,13 +108,15 @@ class Trainer:
         finally:
             preemption.FLAG.phase = "done"
             telemetry.close()
+        # Whether a SIGTERM was a stray one: rank 0 asks Slurm and every rank takes its answer, so that
+        # they resume or stop together. Before the barrier, which keeps this collective's work to be
+        # freed by this thread (distributed.barrier).
+        stray = bool(stopped_by) and distributed.any_rank(self.contract.is_main and preemption.stray_sigterm(stopped_by),
+                                                          p.device)
         distributed.barrier()
-        stray = False
         if stopped_by:
             self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {p.checkpointer.path} saved; "
                      "a rerun with resume=auto continues from it")
-            # Rank 0 asks Slurm and every rank takes its answer, so that they resume or stop together.
-            stray = distributed.any_rank(self.contract.is_main and preemption.stray_sigterm(stopped_by), p.device)
             requeue = preemption.FLAG.requeues and t.requeue
             if self.contract.is_main and (requeued := preemption.tell_slurm(requeue, stray)):
                 self.log(f"{requeued}; it resumes from {p.checkpointer.path}")
