@@ -14,7 +14,7 @@ import torch
 
 from gptcore.checkpointing import checkpoint
 from gptcore.checkpointing.checkpoint import check_header_fits_file
-from gptcore.cluster import distributed
+from gptcore.cluster import allocator, distributed
 from gptcore.cluster.parallel import estimated_memory
 from gptcore.config import ARCHITECTURE_KEYS, Config, config_from_dict, resume_conflicts
 from gptcore.data.batches import Batches, Shard
@@ -106,8 +106,10 @@ def check_memory(config: Config, rows_per_rank: int, device: torch.device, world
 
 
 def start_rank(config: Config, contract: distributed.RankContract) -> tuple[distributed.Threads, torch.device]:
-    """This rank's threads, device and numerics, and its place in the process group."""
+    """This rank's heap (cluster.allocator), threads, device and numerics, and its place in the
+    process group."""
     t = config.train
+    allocator.keep_buffers_in_heap()
     threads = distributed.thread_share(t.threads, t.cpu_ranks, contract)
     torch.set_num_threads(threads.count)
     device = distributed.choose_device(contract, t.device)
