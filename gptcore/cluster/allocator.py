@@ -3,8 +3,9 @@
 A CPU training step allocates and frees the same activation and gradient buffers at every step.
 glibc serves a block above its mmap threshold with a fresh mmap and unmaps it when it is freed,
 and hands free memory at the top of its heap back to the kernel above its trim threshold. Both
-thresholds start low (128 KiB and twice that) and only follow the sizes freed so far, so a step's
-buffers can go back to the kernel at its end and be faulted in, zeroed, again at the next step.
+start at 128 KiB and only follow the sizes freed so far (the trim threshold at twice the mmap one),
+so a step's buffers can go back to the kernel at its end and be faulted in, zeroed, again at the
+next step.
 Fixing the mmap threshold at glibc's maximum and the trim threshold far above it keeps them in the
 heap, reused from step to step: what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc,
 with the C library already loaded (BENCHMARKS.md). A user's own setting is kept. (With another
@@ -20,7 +21,6 @@ M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 1024 * 1024 * 1024
-
 
 # How a user sets them at start-up: glibc's tunables, or its older variables.
 USER_SETTINGS = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
