@@ -81,7 +81,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     same = "the same" if losses["autograd relu2"] == losses["ReLUSquared"] else "DIFFERENT"
     print(f"{args.preset} preset, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.rounds} "
-          f"rounds x {args.steps} steps after one to warm up; the losses of all {len(losses['ReLUSquared'])} steps: {same}")
+          f"rounds x {args.steps} steps after one to warm up; the losses of all {len(losses['ReLUSquared'])} "
+          f"steps: {same}")
     print("\n| ReLU² | ms/step, median (min-max) | autograd's time over this, per round |\n|---|---|---|")
     for name in VARIANTS:
         ratios = [a / t for a, t in zip(times["autograd relu2"], times[name])]

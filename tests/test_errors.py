@@ -66,7 +66,8 @@ def test_a_cpu_compile_without_a_cpp_compiler_is_refused_before_anything_is_writ
     refused = run_gptcore(*train_args(tmp_path, corpus, "train.device=cpu", "train.compile=true"), env=no_compiler)
     assert_one_line_error(refused, 2, "train.compile=true", "C++ compiler", "no-such-g++", "train.compile=false")
     assert not (tmp_path / "run").exists()
-    assert gptcore_here(capsys, *train_args(tmp_path, corpus, "train.max_iters=2", "train.sample_tokens=0")).returncode == 0
+    trained = gptcore_here(capsys, *train_args(tmp_path, corpus, "train.max_iters=2", "train.sample_tokens=0"))
+    assert trained.returncode == 0
     sampled = run_gptcore("sample", "--ckpt", tmp_path / "run" / "ckpt.pt", "--device", "cpu", "--compile",
                           env=no_compiler)
     assert_one_line_error(sampled, 2, "--compile", "C++ compiler", "sample without --compile")

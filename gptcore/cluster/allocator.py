@@ -5,11 +5,11 @@ glibc serves a block above its mmap threshold with a fresh mmap and unmaps it wh
 and hands free memory at the top of its heap back to the kernel above its trim threshold. Both
 start at 128 KiB and only follow the sizes freed so far (the trim threshold at twice the mmap one),
 so a step's buffers can go back to the kernel at its end and be faulted in, zeroed, again at the
-next step.
-Fixing the mmap threshold at glibc's maximum and the trim threshold far above it keeps them in the
-heap, reused from step to step: what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc,
-with the C library already loaded (BENCHMARKS.md). A user's own setting is kept. (With another
-allocator preloaded, glibc's malloc serves little, and setting its thresholds changes little.)
+next step. Fixing the mmap threshold at glibc's maximum and the trim threshold far above it keeps
+them in the heap, reused from step to step: what PyTorch's CPU tuning guide gets from jemalloc or
+tcmalloc, with the C library already loaded (BENCHMARKS.md). A user's own setting is kept. (With
+another allocator preloaded, glibc's malloc serves little, and setting its thresholds changes
+little.)
 """
 
 from __future__ import annotations

@@ -111,8 +111,8 @@ class Trainer:
         # Whether a SIGTERM was a stray one: rank 0 asks Slurm and every rank takes its answer, so that
         # they resume or stop together. Before the barrier, which keeps this collective's work to be
         # freed by this thread (distributed.barrier).
-        stray = bool(stopped_by) and distributed.any_rank(self.contract.is_main and preemption.stray_sigterm(stopped_by),
-                                                          p.device)
+        stray = bool(stopped_by) and distributed.any_rank(
+            self.contract.is_main and preemption.stray_sigterm(stopped_by), p.device)
         distributed.barrier()
         if stopped_by:
             self.log(f"stopped by {stopped_by} at step {step}/{t.max_iters}: checkpoint {p.checkpointer.path} saved; "
