@@ -79,8 +79,8 @@ def main() -> None:
                       f"{result['best_val']:.4f}, full val {result['full_val']:.4f}", flush=True)
     print("\n| preset | wall s | best val (trainer's 20 batches) | full validation loss |\n|---|---|---|---|")
     for preset, runs in results.items():
-        print(f"| {preset} | {mean_std([r['wall_s'] for r in runs])} | {mean_std([r['best_val'] for r in runs])} | "
-              f"{mean_std([r['full_val'] for r in runs])} |")
+        print(f"| {preset} | {mean_std([r['wall_s'] for r in runs])} | {mean_std([r['best_val'] for r in runs], 4)} | "
+              f"{mean_std([r['full_val'] for r in runs], 4)} |")
     if len(presets) == 2 and args.rounds >= 2:
         a, b = (results[p] for p in presets)
         for key in ("full_val", "wall_s"):
