@@ -5,6 +5,7 @@
     python bench/bench_time_to_loss.py --data ../shared/data/tinyshakespeare.txt --seeds 5
     python bench/bench_time_to_loss.py --arms finetune,finetune-dropout0 --init-from runs/pretrain/ckpt.pt --data book.txt
     python bench/bench_time_to_loss.py --arms baseline,nanogpt --nanogpt ../nanoGPT   # nanoGPT's own train.py
+    python bench/bench_time_to_loss.py --arms fast@../before,fast     # another checkout's gptcore against this one
 
 Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
 step budget is part of the recipe). From `--eval-from` of the run on, every `--every` steps (at
@@ -15,6 +16,8 @@ first arm listed is the reference (the baseline): the target is its own final va
 averaged over its seeds (or --target); an arm's time to it is the training time at its first
 evaluation at or below it. With --init-from every arm fine-tunes that checkpoint. With --nanogpt,
 nanoGPT's own train.py is the arm `nanogpt`, on the baseline's settings (bench/nanogpt_arm.py).
+An arm ARM@CHECKOUT runs ARM with the gptcore of another checkout (a commit before a change, say),
+through that checkout's copy of this script.
 
 Arms run as fresh processes, alternating (round r runs every arm with seed r), so that drift of
 the machine falls on all arms alike. The verdict compares the arms' times with Welch's t-test.
@@ -60,6 +63,11 @@ ARMS = {
     "finetune-dropout0": ("finetune", ["model.dropout=0.0"]),
     "nanogpt": ("{config}", []),  # nanoGPT's own train.py on the baseline's settings (--nanogpt)
 }
+
+
+def arm_script(arm: str) -> Path:
+    """The copy of this script that runs an arm: this checkout's, or for ARM@CHECKOUT that one's."""
+    return Path(arm.split("@", 1)[1]) / "bench" / Path(__file__).name if "@" in arm else Path(__file__)
 
 
 def evaluation_every(every: int, max_iters: int) -> int:
@@ -337,8 +345,11 @@ def main() -> None:
         print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
     arms = args.arms.split(",")
-    if unknown := [arm for arm in arms if arm not in ARMS]:
+    if unknown := [arm for arm in arms if arm.split("@")[0] not in ARMS]:
         sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if missing := [arm for arm in arms if not arm_script(arm).is_file()]:
+        sys.exit(f"bench_time_to_loss: no {arm_script(missing[0])} for the arm {missing[0]}: ARM@CHECKOUT needs a "
+                 "gptcore checkout there")
     if "nanogpt" in arms:
         if not args.nanogpt:
             sys.exit("bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
@@ -350,10 +361,10 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for round_ in range(args.seeds):
         for arm in arms:
-            preset, extra = ARMS[arm]
+            preset, extra = ARMS[arm.split("@")[0]]
             overrides = ([o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
                          + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
-            command = [sys.executable, __file__, "--one", "--preset", preset.format(config=args.config),
+            command = [sys.executable, str(arm_script(arm)), "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
             if arm == "nanogpt":

@@ -1,10 +1,13 @@
 """The model: shapes, parameter count, mixed-precision gradients, and KV-cache generation equal to full
 recomputation."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from gptcore.config import ModelConfig
-from gptcore.models.gpt import GPT, KVCache, parameter_count
+from gptcore.models.gpt import (GPT, MATMUL_ATTENTION_MAX_TOKENS, KVCache, attention_by_matmul, matmul_attention,
+                                parameter_count)
 
 
 def tiny_model(block_size=16, seed=0) -> GPT:
@@ -62,9 +65,15 @@ def test_cached_logits_match_uncached_logits():
     assert full.shape == (2, 1, 11)
 
 
-def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision():
-    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50, dropout=0.0))
-    x, y = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+@pytest.mark.parametrize("tokens, options", [(32, {}), (32, {"qk_norm": True, "position": "rotary"}),
+                                             (MATMUL_ATTENTION_MAX_TOKENS + 8, {})])
+def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision(tokens, options):
+    """Attention written out (up to MATMUL_ATTENTION_MAX_TOKENS) and through bf16 flash attention
+    (beyond), with and without the block options that touch queries and keys."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=tokens, vocab_size=50, dropout=0.0,
+                            **options))
+    x, y = torch.randint(0, 50, (4, tokens)), torch.randint(0, 50, (4, tokens))
 
     def gradients(autocast: bool) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -76,6 +85,21 @@ def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision():
     exact, mixed = gradients(False), gradients(True)
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
     assert (mixed - exact).norm() / exact.norm() < 0.05
+
+
+def test_cpu_training_under_autocast_writes_attention_out_up_to_its_token_limit():
+    def values(tokens, dtype=torch.bfloat16):
+        return torch.zeros(1, 2, tokens, 8, dtype=dtype)
+
+    assert attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS))
+    assert not attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS + 1))
+    assert not attention_by_matmul(values(16, torch.float32))
+    with torch.no_grad():  # evaluation and sampling: no backward, and bf16 flash attention's forward is fast
+        assert not attention_by_matmul(values(16))
+    q, k, v = torch.randn(3, 2, 4, 20, 8).unbind()
+    torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               rtol=1e-5, atol=1e-6)
+    assert matmul_attention(q, k, v, dropout=1.0).abs().max() == 0
 
 
 def test_the_compiled_decode_step_picks_the_same_tokens_as_eager():

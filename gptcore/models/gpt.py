@@ -41,26 +41,39 @@ def rotary_angles(pos: torch.Tensor, head_size: int, base: float = 10000.0) -> t
     return angles.cos(), angles.sin()
 
 
-def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x (B, heads, T, head_size) rotated by position, pairing channel i with i + head_size/2 (the
-    GPT-NeoX and Llama layout, llama.cpp's "neox" rope), in fp32, returned in dtype."""
+    GPT-NeoX and Llama layout, llama.cpp's "neox" rope), in fp32, returned in x's dtype."""
     cos, sin = rope
     x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """RMSNorm over the last dimension in fp32, returned in dtype (x's by default)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dimension in fp32, returned in x's dtype."""
     w = weight.float() if weight is not None else None
-    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(dtype or x.dtype)
+    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)
 
 
-def fp32_attention(v: torch.Tensor) -> bool:
-    """Whether attention runs in fp32 although the activations are bf16: CPU training under
-    autocast, where PyTorch's flash attention runs forward as fast in bf16 as in fp32 but its
-    backward 2-4x slower (bench/bench_attention.py)."""
-    return v.is_cpu and v.dtype == torch.bfloat16 and torch.is_grad_enabled()
+# Up to this many tokens, CPU training under autocast writes attention out (bench/bench_attention.py).
+MATMUL_ATTENTION_MAX_TOKENS = 512
+
+
+def attention_by_matmul(v: torch.Tensor) -> bool:
+    """Whether attention runs as matmul_attention rather than scaled_dot_product_attention: in
+    CPU training under autocast, up to MATMUL_ATTENTION_MAX_TOKENS. There PyTorch's CPU flash
+    attention has a bf16 backward 2-4x slower than its fp32 one, and bf16 matmuls beat both;
+    beyond, bf16 flash attention is the fastest of the three."""
+    return (v.is_cpu and v.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and v.size(-2) <= MATMUL_ATTENTION_MAX_TOKENS)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention written out: the scores, their softmax (dropped out), the weighted values."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return F.dropout(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), dropout) @ v
 
 
 class KVCache:
@@ -100,13 +113,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Queries and keys that attention will take in fp32 are normed and rotated in fp32 and
-        # not rounded to bf16 in between.
-        dtype = torch.float32 if fp32_attention(v) else v.dtype
         if self.qk_norm:
-            q, k = rms_norm(q, dtype=dtype), rms_norm(k, dtype=dtype)
+            q, k = rms_norm(q), rms_norm(k)
         if rope is not None:
-            q, k = rotate(q, rope, dtype), rotate(k, rope, dtype)
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is None:
             y = self.attend(q, k, v)
         else:
@@ -117,11 +127,8 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if fp32_attention(v):  # under CPU autocast, only the matmuls around attention are bf16
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
-                                                   is_causal=True)
-            return y.to(v.dtype)
+        if attention_by_matmul(v):
+            return matmul_attention(q, k, v, dropout)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
