@@ -7,9 +7,10 @@ From bf16 queries, keys and values, as the model's attention gets them:
 - `bf16 flash`: scaled_dot_product_attention in bf16;
 - `bf16 matmul`: bf16 matmuls and a softmax, the scores written out (gpt.matmul_attention).
 
-The model takes `bf16 matmul` up to gpt.MATMUL_ATTENTION_MAX_TOKENS tokens and `fp32 flash`
-beyond (gpt.attention_path); this is where that line comes from. The shapes are the presets'
-heads, tokens and head sizes (batch cut where a call would take long: time scales with it). Each
+The model takes `bf16 matmul` up to gpt.MATMUL_ATTENTION_MAX_TOKENS tokens and `bf16 flash`
+beyond (gpt.attention_by_matmul); this is where that line comes from. The shapes are
+bench_train.py's two and the presets' (batch cut where a call would take long: time scales with
+it), and one of 1,024 tokens. Each
 round times every variant, alternating their order; the table gives the median over rounds. The
 process sets malloc's thresholds as a training rank does (gptcore.cluster.allocator): without
 them, the scores' buffers go back to the kernel after every call, which costs the matmul path
@@ -25,18 +26,33 @@ import time
 import torch
 import torch.nn.functional as F
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
+from shapes import SHAPES
 
 from gptcore.cluster.allocator import keep_buffers_in_heap
+from gptcore.config import load_config
 from gptcore.models.gpt import matmul_attention
 
-SHAPES = {  # (batch, heads, tokens, head size)
-    "bench small": (12, 4, 64, 32),
-    "cpu, fast": (32, 4, 128, 32),
-    "bench medium": (16, 8, 128, 32),
-    "shakespeare_char": (64, 6, 256, 64),
-    "seed": (16, 8, 512, 64),
-    "1024 tokens": (4, 12, 1024, 64),
-}
+
+def attention_shape(n_head: int, n_embd: int, block_size: int, batch_size: int) -> tuple[int, int, int, int]:
+    """(batch, heads, tokens, head size) of a training shape's attention."""
+    return batch_size, n_head, block_size, n_embd // n_head
+
+
+def preset_shape(preset: str, batch_size: int | None = None) -> tuple[int, int, int, int]:
+    config = load_config(preset)
+    m = config.model
+    return attention_shape(m.n_head, m.n_embd, m.block_size, batch_size or config.train.batch_size)
+
+
+def bench_shape(name: str) -> tuple[int, int, int, int]:
+    s = SHAPES[name]
+    return attention_shape(s["n_head"], s["n_embd"], s["block_size"], s["batch_size"])
+
+
+def attention_shapes() -> dict[str, tuple[int, int, int, int]]:
+    return {"bench small": bench_shape("small"), "cpu, fast": preset_shape("fast"),
+            "bench medium": bench_shape("medium"), "shakespeare_char": preset_shape("shakespeare_char"),
+            "seed (batch 16)": preset_shape("seed", 16), "1024 tokens": (4, 12, 1024, 64)}
 
 
 def fp32_flash(q, k, v):
@@ -78,7 +94,7 @@ def main() -> None:
           "forward + backward ms per call")
     print(f"| shape | (B, H, T, D) | {' | '.join(VARIANTS)} | fp32 flash / bf16 matmul |")
     print("|---|---|" + "---|" * len(VARIANTS) + "---|")
-    for name, shape in SHAPES.items():
+    for name, shape in attention_shapes().items():
         ms = time_variants(shape, args.rounds)
         cells = " | ".join(f"{ms[v]:.2f}" for v in VARIANTS)
         print(f"| {name} | {shape} | {cells} | {ms['fp32 flash'] / ms['bf16 matmul']:.2f}x |", flush=True)

@@ -65,9 +65,11 @@ ARMS = {
 }
 
 
-def arm_script(arm: str) -> Path:
-    """The copy of this script that runs an arm: this checkout's, or for ARM@CHECKOUT that one's."""
-    return Path(arm.split("@", 1)[1]) / "bench" / Path(__file__).name if "@" in arm else Path(__file__)
+def split_arm(arm: str) -> tuple[str, Path]:
+    """An arm's recipe (a key of ARMS) and the copy of this script that runs it: this checkout's,
+    or for ARM@CHECKOUT that checkout's."""
+    recipe, at, checkout = arm.partition("@")
+    return recipe, Path(checkout) / "bench" / Path(__file__).name if at else Path(__file__)
 
 
 def evaluation_every(every: int, max_iters: int) -> int:
@@ -345,10 +347,10 @@ def main() -> None:
         print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
     arms = args.arms.split(",")
-    if unknown := [arm for arm in arms if arm.split("@")[0] not in ARMS]:
+    if unknown := [arm for arm in arms if split_arm(arm)[0] not in ARMS]:
         sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    if missing := [arm for arm in arms if not arm_script(arm).is_file()]:
-        sys.exit(f"bench_time_to_loss: no {arm_script(missing[0])} for the arm {missing[0]}: ARM@CHECKOUT needs a "
+    if missing := [arm for arm in arms if not split_arm(arm)[1].is_file()]:
+        sys.exit(f"bench_time_to_loss: no {split_arm(missing[0])[1]} for the arm {missing[0]}: ARM@CHECKOUT needs a "
                  "gptcore checkout there")
     if "nanogpt" in arms:
         if not args.nanogpt:
@@ -361,10 +363,11 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for round_ in range(args.seeds):
         for arm in arms:
-            preset, extra = ARMS[arm.split("@")[0]]
+            recipe, script = split_arm(arm)
+            preset, extra = ARMS[recipe]
             overrides = ([o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
                          + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
-            command = [sys.executable, str(arm_script(arm)), "--one", "--preset", preset.format(config=args.config),
+            command = [sys.executable, str(script), "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
             if arm == "nanogpt":
