@@ -1,8 +1,10 @@
 """The arithmetic behind bench/bench_time_to_loss.py's verdicts: Student's t p-values, the time at
 which a curve first reaches the target, and the reference arm every other arm is compared with;
-and how the nanogpt arm speaks to nanoGPT's train.py and reads its times."""
+how the nanogpt arm speaks to nanoGPT's train.py and reads its times; and arms run by another
+checkout (ARM@CHECKOUT)."""
 
 import ast
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_time_to_loss import incomplete_beta, report, stepwise, time_to, welch  # noqa: E402
+from bench_time_to_loss import incomplete_beta, report, split_arm, stepwise, time_to, welch  # noqa: E402
 from nanogpt_arm import ITERATION, nanogpt_flags, train_seconds  # noqa: E402
 
 from gptcore.config import load_config  # noqa: E402
@@ -91,3 +93,13 @@ def test_an_ablation_row_compares_an_arm_with_the_one_before_it():
     assert rows[2] == "| adamw | 2.2700 ± 0.0424 |  |  |"
     _, p = welch([1.76, 1.75], [2.30, 2.24])
     assert rows[3] == f"| +muon | 1.7550 ± 0.0071 | -0.5150 | {p:.2g} |"
+
+
+def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
+    script = REPO / "bench" / "bench_time_to_loss.py"
+    assert split_arm("fast") == ("fast", script)
+    assert split_arm(f"fast@{tmp_path}") == ("fast", tmp_path / "bench" / "bench_time_to_loss.py")
+    refused = subprocess.run([sys.executable, script, "--arms", f"fast@{tmp_path},fast"], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"bench_time_to_loss: no {tmp_path}/bench/bench_time_to_loss.py for the arm "
+                                      f"fast@{tmp_path}: ARM@CHECKOUT needs a gptcore checkout there")
