@@ -39,6 +39,7 @@ def test_every_rank_has_a_loadable_profile_of_the_training_loop(profiled):
     run_dir, _ = profiled
     files = sorted((run_dir / "profile").glob("rank*.prof"))
     assert [f.name for f in files] == ["rank0.prof", "rank1.prof"]
+    assert not [f.name for f in (run_dir / "profile").iterdir() if f.name.endswith(".tmp")]  # written atomically
     for f in files:
         assert pstats.Stats(str(f)).total_calls > 0
         assert "train_step" in f.with_suffix(".txt").read_text()
@@ -105,6 +106,7 @@ def test_the_torch_profiler_window_acts_on_its_own_steps_alone(tmp_path):
         window.after_step(step)
         acted.append((before, after))
     assert acted == [(False, False)] * 2 + [(True, True)] * 2 + [(False, False)] * 2
+    assert [f.name for f in (tmp_path / "profile").iterdir()] == ["trace_rank0.json"]  # no temporary file left
     trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
     assert sum(event.get("name") == STEP_SPAN for event in trace["traceEvents"]) == 2
     idle = TorchProfilerWindow(tmp_path / "off", rank=0, start=2, steps=2, enabled=False)

@@ -22,7 +22,7 @@ from types import BuiltinFunctionType, MethodType
 
 import torch
 
-from gptcore.files import atomic_write_bytes
+from gptcore.files import atomic_path, atomic_write_bytes
 
 STEP_PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -254,10 +254,8 @@ class LoopProfiler:
     def dump(self) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".prof.tmp")
-        self.profile.dump_stats(tmp)
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            self.profile.dump_stats(tmp)
         text = io.StringIO()
         pstats.Stats(str(self.path), stream=text).sort_stats("cumulative").print_stats(25)
         atomic_write_bytes(self.path.with_suffix(".txt"), text.getvalue().encode("utf-8"))
@@ -279,13 +277,16 @@ class TorchProfilerWindow:
         self.profiler = None
         self.span = None
 
+    def starts_at(self, step: int) -> bool:
+        return self.enabled and step == self.start and self.profiler is None
+
     def acts(self, step: int) -> bool:
         """Whether before_step or after_step does anything at `step`: only then does the loop keep
         them out of cProfile, as pausing and resuming it on every step would cost time itself."""
-        return self.profiler is not None or (self.enabled and step == self.start)
+        return self.profiler is not None or self.starts_at(step)
 
     def before_step(self, step: int) -> None:
-        if self.enabled and step == self.start and self.profiler is None:
+        if self.starts_at(step):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -309,10 +310,8 @@ class TorchProfilerWindow:
             self.span.__exit__(None, None, None)
             self.span = None
         self.profiler.__exit__(None, None, None)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        self.profiler.export_chrome_trace(str(tmp))
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            self.profiler.export_chrome_trace(str(tmp))
         self.profiler = None
 
 
