@@ -347,12 +347,13 @@ def main() -> None:
         print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
     arms = args.arms.split(",")
-    if unknown := [arm for arm in arms if split_arm(arm)[0] not in ARMS]:
+    recipes = [split_arm(arm)[0] for arm in arms]
+    if unknown := [arm for arm, recipe in zip(arms, recipes) if recipe not in ARMS]:
         sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if missing := [arm for arm in arms if not split_arm(arm)[1].is_file()]:
         sys.exit(f"bench_time_to_loss: no {split_arm(missing[0])[1]} for the arm {missing[0]}: ARM@CHECKOUT needs a "
                  "gptcore checkout there")
-    if "nanogpt" in arms:
+    if "nanogpt" in recipes:  # nanogpt@CHECKOUT too: nanoGPT's train.py through that checkout's copy
         if not args.nanogpt:
             sys.exit("bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
         if args.init_from:
@@ -370,7 +371,7 @@ def main() -> None:
             command = [sys.executable, str(script), "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
-            if arm == "nanogpt":
+            if recipe == "nanogpt":
                 command += ["--nanogpt", args.nanogpt]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:

@@ -103,3 +103,8 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.strip() == (f"bench_time_to_loss: no {tmp_path}/bench/bench_time_to_loss.py for the arm "
                                       f"fast@{tmp_path}: ARM@CHECKOUT needs a gptcore checkout there")
+    # nanoGPT's arm through another checkout still needs nanoGPT, rather than running as a gptcore arm.
+    refused = subprocess.run([sys.executable, script, "--arms", f"nanogpt@{REPO},fast"], capture_output=True, text=True,
+                             timeout=120)  # without the check it would train a gptcore arm under that name
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
