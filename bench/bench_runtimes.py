@@ -43,6 +43,7 @@ from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 from shapes import data_path
 
 from gptcore.checkpointing.sharded import open_checkpoint  # noqa: E402
+from gptcore.files import atomic_write_bytes  # noqa: E402
 from gptcore.inference.generate import fastest_form, load_model, timed_generate, weight_bytes  # noqa: E402
 from gptcore.telemetry import hardware  # noqa: E402
 
@@ -232,7 +233,7 @@ def main() -> None:
     print(table(rows))
     print(process_table(processes))
     if args.json:
-        Path(args.json).write_text(json.dumps({"decode": rows, "processes": processes}, indent=1) + "\n")
+        atomic_write_bytes(Path(args.json), (json.dumps({"decode": rows, "processes": processes}, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

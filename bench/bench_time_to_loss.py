@@ -39,6 +39,8 @@ from pathlib import Path
 import nanogpt_arm
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 
+from gptcore.files import atomic_write_bytes  # noqa: E402
+
 # The recipes. `baseline` is nanoGPT's (AdamW, warmup + cosine, GPT-2 block) as the config gives
 # it; `fast` is the fast preset cut to the --steps budget. The ablation starts from the baseline
 # at that budget and adds one technique at a time, each keeping the ones before it, until it is
@@ -382,7 +384,7 @@ def main() -> None:
                   f"{run['final_val']:.4f}, eval {run['eval_s']:.0f} s (not timed)", flush=True)
     target = args.target or statistics.mean(r["final_val"] for r in results[arms[0]])
     if args.json:
-        Path(args.json).write_text(json.dumps({"target": target, "results": results}, indent=1))
+        atomic_write_bytes(Path(args.json), json.dumps({"target": target, "results": results}, indent=1).encode())
     print("\n".join(report(results, target) + [""] + stepwise(results)))
 
 

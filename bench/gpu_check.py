@@ -461,7 +461,7 @@ def run_section(name: str, args) -> int:
                   ok=False)
     path = check.out / "sections" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(check.rows, indent=1))
+    atomic_write_bytes(path, json.dumps(check.rows, indent=1).encode())
     return 0
 
 
