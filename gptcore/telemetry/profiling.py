@@ -257,7 +257,7 @@ class LoopProfiler:
         with atomic_path(self.path) as tmp:
             self.profile.dump_stats(tmp)
         text = io.StringIO()
-        pstats.Stats(str(self.path), stream=text).sort_stats("cumulative").print_stats(25)
+        pstats.Stats(self.profile, stream=text).sort_stats("cumulative").print_stats(25)
         atomic_write_bytes(self.path.with_suffix(".txt"), text.getvalue().encode("utf-8"))
 
 
