@@ -3,7 +3,7 @@
     python bench/bench_time_to_loss.py                      # baseline against fast: cpu shape, default corpus
     python bench/bench_time_to_loss.py --arms baseline,adamw-short,+muon,+wsd,+relu2,+qk_norm,+rotary,+zero_init,fast
     python bench/bench_time_to_loss.py --data ../shared/data/tinyshakespeare.txt --seeds 5
-    python bench/bench_time_to_loss.py --arms finetune,finetune-dropout0 --init-from runs/pretrain/ckpt.pt --data book.txt
+    python bench/bench_time_to_loss.py --arms finetune-dropout0.2,finetune --init-from runs/pretrain/ckpt.pt --data book.txt
     python bench/bench_time_to_loss.py --arms baseline,nanogpt --nanogpt ../nanoGPT   # nanoGPT's own train.py
     python bench/bench_time_to_loss.py --arms fast@../before,fast     # another checkout's gptcore against this one
 
@@ -60,9 +60,9 @@ ARMS = {
     "+rotary": ("{config}", SHORT + MUON + WSD + BLOCK[:3]),
     "+zero_init": ("{config}", SHORT + MUON + WSD + BLOCK[:4]),  # + an untied head: the fast preset
     "fast-gelu": ("fast", SHORT + ["model.mlp=gelu"]),  # the fast preset with GPT-2's MLP instead of ReLU²
-    # Fine-tuning (with --init-from): the finetune preset, and without its dropout.
+    # Fine-tuning (with --init-from): the finetune preset (no dropout), and with nanoGPT's dropout 0.2.
     "finetune": ("finetune", []),
-    "finetune-dropout0": ("finetune", ["model.dropout=0.0"]),
+    "finetune-dropout0.2": ("finetune", ["model.dropout=0.2"]),
     "nanogpt": ("{config}", []),  # nanoGPT's own train.py on the baseline's settings (--nanogpt)
 }
 

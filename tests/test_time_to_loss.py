@@ -42,17 +42,17 @@ def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss()
         (2.0, 20)
     assert time_to([{"step": 10, "train_s": 1.0, "val": 2.0}], 1.6) is None
     results = {
-        "finetune": [run(1.50, [(50, 5.0, 1.7), (100, 10.0, 1.50)]), run(1.52, [(50, 5.2, 1.7), (100, 10.4, 1.52)])],
-        "finetune-dropout0": [run(1.45, [(50, 2.0, 1.49), (100, 4.0, 1.45)]),
-                              run(1.46, [(50, 2.2, 1.52), (100, 4.4, 1.46)])],
+        "finetune-dropout0.2": [run(1.50, [(50, 5.0, 1.7), (100, 10.0, 1.50)]),
+                                run(1.52, [(50, 5.2, 1.7), (100, 10.4, 1.52)])],
+        "finetune": [run(1.45, [(50, 2.0, 1.49), (100, 4.0, 1.45)]), run(1.46, [(50, 2.2, 1.52), (100, 4.4, 1.46)])],
     }
     lines = report(results, 1.51)
-    assert "the mean final loss of finetune, the reference arm" in lines[0]
+    assert "the mean final loss of finetune-dropout0.2, the reference arm" in lines[0]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| finetune")}
-    assert rows["finetune"].endswith("| 100.0% |")  # its whole run: 10.2 s
+    assert rows["finetune-dropout0.2"].endswith("| 100.0% |")  # its whole run: 10.2 s
     # The other arm reaches 1.51 at step 50 (2.0 s) and at step 100 (4.4 s): 3.2 s of 10.2 s.
-    assert rows["finetune-dropout0"].endswith(f"| {3.2 / 10.2:.1%} |")
-    assert any(line.startswith("verdict finetune-dropout0: 31.4% of finetune's time") for line in lines)
+    assert rows["finetune"].endswith(f"| {3.2 / 10.2:.1%} |")
+    assert any(line.startswith("verdict finetune: 31.4% of finetune-dropout0.2's time") for line in lines)
 
 
 def test_the_nanogpt_arm_gives_train_py_the_baselines_settings_as_literals_of_its_types():
