@@ -55,6 +55,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)
 
 
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout. On the CPU it is what PyTorch's CPU dropout does (x times a mask in x's dtype,
+    each element 1 / (1 - p) with probability 1 - p, else 0), but with the mask drawn by rand,
+    not bernoulli_, which takes 3x as long for as many numbers (pytorch/pytorch#138199; inductor
+    decomposes dropout the same way): it made dropout 0.2 half of a CPU training step. Elsewhere
+    PyTorch's own (a fused kernel on CUDA)."""
+    if not (training and x.is_cpu and 0.0 < p < 1.0):
+        return F.dropout(x, p, training)
+    return x * torch.rand(x.shape).ge_(p).div_(1.0 - p).to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
 # Up to this many tokens, CPU training under autocast writes attention out (bench/bench_attention.py).
 MATMUL_ATTENTION_MAX_TOKENS = 512
 
@@ -73,7 +89,7 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     T = q.size(-2)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return F.dropout(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), dropout) @ v
+    return fast_dropout(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), dropout) @ v
 
 
 class KVCache:
@@ -106,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 pos: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -181,7 +197,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +231,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **positions,
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
