@@ -6,6 +6,7 @@
     python bench/bench_time_to_loss.py --arms finetune-dropout0.2,finetune --init-from runs/pretrain/ckpt.pt --data book.txt
     python bench/bench_time_to_loss.py --arms baseline,nanogpt --nanogpt ../nanoGPT   # nanoGPT's own train.py
     python bench/bench_time_to_loss.py --arms fast@../before,fast     # another checkout's gptcore against this one
+    python bench/bench_time_to_loss.py --report runs.json --arms fast,baseline   # saved runs, another reference
 
 Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
 step budget is part of the recipe). From `--eval-from` of the run on, every `--every` steps (at
@@ -262,6 +263,17 @@ def arm_hits(runs: list[dict], target: float, reference: bool) -> list[tuple[flo
     return [time_to(run["curve"], target) for run in runs]
 
 
+def saved_arms(results: dict[str, list[dict]], arms: str | None) -> dict[str, list[dict]]:
+    """The runs of an earlier --json to report: all of them, or the arms named, in that order (the
+    first is the reference), so that one set of runs is reported against another reference."""
+    if arms is None:
+        return results
+    chosen = arms.split(",")
+    if unknown := [arm for arm in chosen if arm not in results]:
+        sys.exit(f"bench_time_to_loss: the file has no arm {', '.join(unknown)}; it has {', '.join(results)}")
+    return {arm: results[arm] for arm in chosen}
+
+
 def report(results: dict[str, list[dict]], target: float) -> list[str]:
     """The table and verdicts; the first arm of RESULTS is the reference ("vs baseline")."""
     reference = next(iter(results))
@@ -311,7 +323,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", help="the baseline's preset (default cpu)")
     parser.add_argument("--data", default="shakespeare", help="corpus name or text file (default: the default corpus)")
-    parser.add_argument("--arms", default="baseline,fast", help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--arms", help=f"comma-separated, from {', '.join(ARMS)} (default baseline,fast); with "
+                        "--report, which of the file's arms, the first the reference (default all)")
     parser.add_argument("--steps", type=int, default=350, help="step budget of fast and the ablation arms")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--every", type=int, default=25, help="steps between full validation passes (at least "
@@ -336,8 +349,11 @@ def main() -> None:
         print(json.dumps(nanogpt_arm.run(args, evaluation_every) if args.nanogpt else run_one(args)))
         return
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        results = saved["results"]
+        try:
+            saved = json.loads(Path(args.report).read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            sys.exit(f"bench_time_to_loss: cannot read runs from {args.report} ({err}); give a file that --json wrote")
+        results = saved_arms(saved, args.arms)
         target = args.target or statistics.mean(r["final_val"] for r in next(iter(results.values())))
         print("\n".join(report(results, target) + [""] + stepwise(results)))
         return
@@ -348,7 +364,7 @@ def main() -> None:
     if args.optimizer_cost:
         print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
-    arms = args.arms.split(",")
+    arms = (args.arms or "baseline,fast").split(",")
     recipes = [split_arm(arm)[0] for arm in arms]
     if unknown := [arm for arm, recipe in zip(arms, recipes) if recipe not in ARMS]:
         sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")

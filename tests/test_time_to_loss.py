@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_time_to_loss import incomplete_beta, report, split_arm, stepwise, time_to, welch  # noqa: E402
+from bench_time_to_loss import incomplete_beta, report, saved_arms, split_arm, stepwise, time_to, welch  # noqa: E402
 from nanogpt_arm import ITERATION, nanogpt_flags, train_seconds  # noqa: E402
 
 from gptcore.config import load_config  # noqa: E402
@@ -53,6 +53,11 @@ def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss()
     # The other arm reaches 1.51 at step 50 (2.0 s) and at step 100 (4.4 s): 3.2 s of 10.2 s.
     assert rows["finetune"].endswith(f"| {3.2 / 10.2:.1%} |")
     assert any(line.startswith("verdict finetune: 31.4% of finetune-dropout0.2's time") for line in lines)
+    # --report --arms: the same runs with another reference.
+    assert list(saved_arms(results, "finetune,finetune-dropout0.2")) == ["finetune", "finetune-dropout0.2"]
+    assert saved_arms(results, None) is results
+    with pytest.raises(SystemExit, match="the file has no arm fast; it has finetune-dropout0.2, finetune"):
+        saved_arms(results, "finetune,fast")
 
 
 def test_the_nanogpt_arm_gives_train_py_the_baselines_settings_as_literals_of_its_types():
