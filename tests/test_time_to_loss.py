@@ -113,3 +113,15 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
                              timeout=120)  # without the check it would train a gptcore arm under that name
     assert refused.returncode == 1 and refused.stderr.strip() == (
         "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
+
+
+def test_report_refuses_a_file_it_cannot_read_in_one_line(tmp_path):
+    script = REPO / "bench" / "bench_time_to_loss.py"
+    (tmp_path / "list.json").write_text("[1]")
+    for path, reason in [(tmp_path / "absent.json", "No such file"), (tmp_path / "list.json", "list indices")]:
+        refused = subprocess.run([sys.executable, script, "--report", str(path)], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 1 and refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
+        assert refused.stderr.startswith(f"bench_time_to_loss: cannot read runs from {path} (")
+        assert reason in refused.stderr
+        assert refused.stderr.strip().endswith("; give a file that --json wrote")
