@@ -31,7 +31,7 @@ from gptcore.cli import ArgumentParser
 from gptcore.cluster.parallel import STRATEGIES
 from gptcore.cluster.spinning import SHARED_NODE_PCT
 from gptcore.errors import GptcoreError, UserInputError
-from gptcore.files import atomic_write_bytes
+from gptcore.files import atomic_write_bytes, check_output
 from gptcore.telemetry.sampler import describe_cost, shared_node_load, summarize_samples
 
 PROJECTION_SIZES = (8, 16, 32, 64)
@@ -584,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not 0 <= args.warmup < 1:
             raise UserInputError(f"--warmup must be in [0, 1), got {args.warmup}")
+        check_output(Path(args.out), "--out", directory=True)
+        if args.tensorboard:
+            check_output(Path(args.tensorboard), "--tensorboard", directory=True)
         runs = [load_run(run) for run in args.runs]
         path = write_report(runs, Path(args.out), args.warmup)
         if args.tensorboard:

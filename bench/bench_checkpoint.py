@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from harness import OthersCpu, spread, wait_for_quiet
+from harness import OthersCpu, output_path, spread, wait_for_quiet
 
 from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
@@ -79,13 +79,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-load", type=float, default=1.0)
     args = parser.parse_args()
+    scratch = output_path(args.dir, "--dir", directory=True)
+    if scratch:
+        scratch.mkdir(parents=True, exist_ok=True)
     config, model, optimizer, step = seed_model(args.batch)
     data = Data()
     run = {"config": config.to_dict(), "vocab": [chr(i) for i in range(65)], "world_size": 1, "best_val_loss": 1.0}
     times = {name: [] for name in ("blocking", "background stall", "background write", "serialize", "serialize, no CRC-32",
                                    "verify on load", "torch.load", "steps alone", "steps beside a write")}
     notes = []
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         path = Path(tmp) / "ckpt.pt"
         writer = checkpoint.Checkpointer(path, torch.device("cpu"), rank=0)
         state = {"format": checkpoint.FORMAT, "step": 1, "model": model.state_dict(),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from harness import REPO, spread
+from harness import REPO, output_path, spread
 
 WORDS = ("the king and queen walk to the castle while a fool sings of love and war , my lord speaks "
          "softly to the night ; what light through yonder window breaks ? all the world is a stage "
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--limit-mb", type=int, default=0, help="also one run per worker count under ulimit -v")
     parser.add_argument("--reference-src", default=None, help="an older checkout whose prepare runs for comparison")
     args = parser.parse_args()
-    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-prepare-"))
+    work = output_path(args.dir, "--dir", directory=True) or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     size = int(args.gb * 1e9)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
+from harness import output_path  # noqa: E402
 
 from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.files import atomic_write_bytes  # noqa: E402
@@ -233,6 +233,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also time the alternatives that were tried")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    json_path = output_path(args.json, "--json")
     torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
@@ -242,8 +243,8 @@ def main() -> None:
     results["seed_shape"] = bench_seed_shape(args)
     results["load_after"] = round(os.getloadavg()[0], 2)
     print(markdown(results))
-    if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    if json_path:
+        atomic_write_bytes(json_path, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
+from harness import REPO, output_path
 from shapes import data_path
 
 from gptcore.checkpointing.sharded import open_checkpoint  # noqa: E402
@@ -216,6 +216,7 @@ def main() -> None:
                         help="shapes whose whole-process sample is timed ('' for none)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    json_path = output_path(args.json, "--json")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{args.tokens} tokens, {args.rounds} rounds", flush=True)
     rows, processes = [], []
@@ -232,8 +233,8 @@ def main() -> None:
                     processes += timed
     print(table(rows))
     print(process_table(processes))
-    if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps({"decode": rows, "processes": processes}, indent=1) + "\n").encode())
+    if json_path:
+        atomic_write_bytes(json_path, (json.dumps({"decode": rows, "processes": processes}, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import nanogpt_arm
-from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
+from harness import output_path
 
 from gptcore.files import atomic_write_bytes  # noqa: E402
 
@@ -364,6 +364,7 @@ def main() -> None:
     if args.optimizer_cost:
         print("\n".join(optimizer_cost("fast" if args.config == "cpu" else args.config, rounds=7)))
         return
+    json_path = output_path(args.json, "--json")
     arms = (args.arms or "baseline,fast").split(",")
     recipes = [split_arm(arm)[0] for arm in arms]
     if unknown := [arm for arm, recipe in zip(arms, recipes) if recipe not in ARMS]:
@@ -399,8 +400,8 @@ def main() -> None:
             print(f"round {round_} {arm}: {run['max_iters']} steps, {run['ms_per_step']} ms/step, final val "
                   f"{run['final_val']:.4f}, eval {run['eval_s']:.0f} s (not timed)", flush=True)
     target = args.target or statistics.mean(r["final_val"] for r in results[arms[0]])
-    if args.json:
-        atomic_write_bytes(Path(args.json), json.dumps({"target": target, "results": results}, indent=1).encode())
+    if json_path:
+        atomic_write_bytes(json_path, json.dumps({"target": target, "results": results}, indent=1).encode())
     print("\n".join(report(results, target) + [""] + stepwise(results)))
 
 

@@ -42,7 +42,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import REPO, steady_median
+from harness import REPO, output_path, steady_median
 
 import torch  # noqa: E402  (after the sys.path fix, like the gptcore imports)
 
@@ -571,8 +571,8 @@ def main() -> int:
         args.data = str(BUNDLE_TEXT) if BUNDLE_TEXT.is_file() else data_path()
     if args.section:
         return run_section(args.section, args)
-    out = Path(args.out)
-    report = Path(args.report or os.environ.get("OUT") or out)
+    out = output_path(args.out, "--out", directory=True)
+    report = output_path(args.report or os.environ.get("OUT") or args.out, "--report", directory=True)
     if (out / "runs").exists():  # its runs would refuse to overwrite the earlier ones, section by section
         print(f"gpu_check: {out} holds an earlier check's runs; pass a new --out directory", file=sys.stderr)
         return 2

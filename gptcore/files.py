@@ -74,12 +74,32 @@ def fsync_directory(path: Path) -> None:
         os.close(dir_fd)
 
 
+def check_output(path: Path, name: str, directory: bool = False) -> Path:
+    """Refuse in one line, before any work, an output that cannot be written where it is named:
+    a directory where a file goes (or a file where a directory goes), a file where a parent
+    directory would have to be made, or a parent this user cannot write. Returns path."""
+    path = Path(path)
+    want, other = ("directory", "file") if directory else ("file", "directory")
+    if path.exists() and path.is_dir() != directory:
+        raise UserInputError(f"{name} {path} is a {other}, not a {want}; choose another {name}")
+    # A file is renamed into its directory, so that directory must be writable even if the file exists.
+    existing = next(parent for parent in ((path, *path.parents) if directory else path.parents) if parent.exists())
+    if not existing.is_dir():
+        raise UserInputError(f"{name} {path} cannot be made: {existing} is a file, not a directory; "
+                             f"choose another {name}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{name} {path} cannot be written here ({existing} is not writable); "
+                             f"choose a {want} you can write to")
+    return path
+
+
 def write_new_directory(path: Path, files: dict[str, bytes]) -> None:
     """A directory of files that appears whole or not at all: written and fsynced under a
     temporary name beside path, then renamed to it. An existing path is refused, never merged."""
     path = Path(path)
     if path.exists():
         raise UserInputError(f"{path} already exists; choose a new --out directory (nothing was written)")
+    check_output(path, "--out", directory=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

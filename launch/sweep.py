@@ -39,6 +39,7 @@ ensure_environment()
 from gptcore.cli import ArgumentParser  # noqa: E402  (after the sys.path fix)
 from gptcore.config import load_config  # noqa: E402
 from gptcore.errors import GptcoreError, UserInputError  # noqa: E402
+from gptcore.files import check_output  # noqa: E402
 from launch import monitor  # noqa: E402
 
 QUANTIZE_SBATCH = REPO / "slurm" / "quantize.sbatch"
@@ -329,7 +330,8 @@ def prepare(args) -> tuple[list[Planned], str, str | None, Path]:
         args.cpus_per_task = max(1, min(cpus for cpus, _ in caps) // max(sizes))
     elif max(node_counts) > 1:
         raise UserInputError("the local executor runs on this machine only; use --nodes 1 or --executor slurm")
-    root = Path(args.out or REPO / "runs" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    root = check_output(Path(args.out or REPO / "runs" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve(), "--out",
+                        directory=True)
     jobs = plan(args.config, args.overrides, sizes, node_counts, root, args.scaling, args.repeats,
                 parse_strategies(args.parallel) if args.parallel else None)
     if args.quantize:

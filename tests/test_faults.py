@@ -528,6 +528,30 @@ def test_an_out_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path, corpus):
                           "cannot be written")
 
 
+def test_an_output_that_cannot_be_written_where_named_is_one_line_before_any_work(trained, tmp_path, corpus, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me\n")
+    ckpt, under_a_file = trained / "ckpt.pt", a_file / "sub"
+    for args, problem in [
+        (("quantize", "--ckpt", ckpt, "--mode", "int8", "--out", under_a_file / "q.pt"), f"{a_file} is a file"),
+        (("quantize", "--ckpt", ckpt, "--mode", "int8", "--out", tmp_path), "is a directory, not a file"),
+        (("quantize", "--ckpt", ckpt, "--mode", "int8", "--out", tmp_path / "q.pt", "--eval-batches", "0"),
+         "which is a directory"),  # q.json, where the report goes, made a directory below
+        (("export", "--ckpt", ckpt, "--format", "gguf", "--out", under_a_file / "m.gguf"), f"{a_file} is a file"),
+        (("export", "--ckpt", ckpt, "--format", "hf", "--out", under_a_file), f"{a_file} is a file"),
+        (("import", "--nanogpt", ckpt, "--out", under_a_file / "c.pt"), f"{a_file} is a file"),
+        (("prepare", "--data", corpus, "--out", under_a_file), f"{a_file} is a file"),
+        (("prepare", "--data", corpus, "--out", a_file), "is a file, not a directory"),
+    ]:
+        (tmp_path / "q.json").mkdir(exist_ok=True)
+        assert_one_line_error(gptcore_here(capsys, *args), 2, problem, "choose another --out")
+    assert a_file.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "q.json"] and not any((tmp_path / "q.json").iterdir())
+    reported = subprocess.run([sys.executable, "-m", "analysis.report", trained, "--out", under_a_file], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    assert_one_line_error(reported, 2, f"{a_file} is a file", "choose another --out")
+
+
 @pytest.mark.parametrize("env, fragment", [
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not an integer"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not a rank of WORLD_SIZE=2"),

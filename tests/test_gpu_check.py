@@ -102,6 +102,12 @@ def test_the_check_runs_on_a_copy_like_the_device_machines_and_writes_the_table_
     again = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", "runs/check"], cwd=repo, env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "holds an earlier check's runs" in again.stderr
+    # So is a table that could not be written, rather than after the sections have run.
+    refused = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", "runs/other", "--report",
+                              str(repo / "README.md")], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.strip() == (
+        f"gpu_check: --report {repo / 'README.md'} is a file, not a directory; choose another --report")
+    assert not (repo / "runs" / "other").exists()
 
 
 def test_quick_mode_is_a_subset_and_the_budget_cuts_sections_it_cannot_fit(tmp_path, corpus):

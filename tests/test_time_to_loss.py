@@ -115,6 +115,14 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
         "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_run(tmp_path):
+    for script in ("bench_time_to_loss", "bench_runtimes", "bench_quantize"):
+        refused = subprocess.run([sys.executable, REPO / "bench" / f"{script}.py", "--json", str(tmp_path)],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and refused.stdout == "", (script, refused.stdout, refused.stderr)
+        assert refused.stderr.strip() == f"{script}: --json {tmp_path} is a directory, not a file; choose another --json"
+
+
 def test_report_refuses_a_file_it_cannot_read_in_one_line(tmp_path):
     script = REPO / "bench" / "bench_time_to_loss.py"
     (tmp_path / "list.json").write_text("[1]")

@@ -26,7 +26,7 @@ from gptcore.cluster import distributed
 from gptcore.config import Config, config_from_dict, resume_conflicts
 from gptcore.data.corpus import tokenizer_for
 from gptcore.errors import TrainingFailure, UserInputError, shown
-from gptcore.files import atomic_write, atomic_write_bytes, write_new_directory  # noqa: F401  (callers save through here)
+from gptcore.files import atomic_write
 from gptcore.models.gpt import parameter_count
 
 FORMAT = "gptcore-checkpoint"

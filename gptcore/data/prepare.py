@@ -35,7 +35,7 @@ from gptcore.cpus import usable_cpus
 from gptcore.data.corpus import (CLEANERS, CORPORA, VAL_FRACTION, ByteTokenizer, CharTokenizer, check_vocab, corpus_dir, data_home,
                           fetch_corpus, file_sha256, read_meta, text_vocabulary, token_dtype)
 from gptcore.errors import UserInputError
-from gptcore.files import atomic_write_bytes, fsync_directory, naming
+from gptcore.files import atomic_write_bytes, check_output, fsync_directory, naming
 
 DOCUMENT_END = "\x1e"  # ASCII record separator: ends each document when there are several
 CHUNK_BYTES = 8 * 2**20
@@ -320,21 +320,22 @@ def prepare(sources: list[str], out_dir: Path | None, clean: str = "none", downl
             vocab: str = "chars", workers: int | None = None) -> tuple[Path, dict]:
     """`gptcore prepare`: text files, directories, JSON Lines or a corpus name -> a prepared
     directory, of the text's characters or (vocab="bytes") of UTF-8 bytes."""
-    if len(sources) == 1 and sources[0] in CORPORA:
-        name = sources[0]
-        paths = [fetch_corpus(name) if download else data_home() / f"{name}.txt"]
-        out_dir = Path(out_dir) if out_dir else corpus_dir(name, clean) if vocab == "chars" else None
+    corpus = sources[0] if len(sources) == 1 and sources[0] in CORPORA else None
+    if corpus:
+        out_dir = out_dir or (corpus_dir(corpus, clean) if vocab == "chars" else None)
         if out_dir is None:
-            raise UserInputError(f"prepare --vocab bytes needs --out DIR (the default {corpus_dir(name, clean)} "
+            raise UserInputError(f"prepare --vocab bytes needs --out DIR (the default {corpus_dir(corpus, clean)} "
                                  "holds the character vocabulary)")
-    else:
-        paths = [Path(source) for source in sources]
-        if out_dir is None:
-            raise UserInputError(f"prepare needs --out DIR for {', '.join(sources)}")
-        out_dir = Path(out_dir)
+    elif out_dir is None:
+        raise UserInputError(f"prepare needs --out DIR for {', '.join(sources)}")
+    out_dir = check_output(Path(out_dir), "--out", directory=True)
     if holds := [name for name in RUN_MARKS if (out_dir / name).exists()] + sorted(p.name for p in out_dir.glob("ckpt-*")):
         raise UserInputError(f"--out {out_dir} is a training run's directory (it holds {', '.join(holds[:3])}); "
                              f"prepare into a directory of its own, e.g. --out {out_dir / 'data'} (nothing was written)")
+    if corpus:  # downloaded only once --out is known to take it
+        paths = [fetch_corpus(corpus) if download else data_home() / f"{corpus}.txt"]
+    else:
+        paths = [Path(source) for source in sources]
     return out_dir, prepare_corpus(paths, out_dir, clean, ByteTokenizer.vocab if vocab == "bytes" else None,
                                    "--vocab bytes", workers)
 

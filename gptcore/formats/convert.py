@@ -25,7 +25,7 @@ from gptcore.checkpointing import checkpoint
 from gptcore.checkpointing.sharded import consolidate, is_sharded, open_checkpoint, size_on_disk
 from gptcore.config import non_gpt2_options
 from gptcore.errors import UserInputError
-from gptcore.files import atomic_write_bytes, write_new_directory
+from gptcore.files import atomic_write_bytes, check_output, write_new_directory
 from gptcore.inference.generate import decode_speed, eval_data, evaluate, load_model, resolve_device
 from gptcore.inference.quantize import FORMAT, check_group_size, fp32_model_checkpoint, quantized_checkpoint, serialized_size
 
@@ -90,6 +90,10 @@ def quantize_command(args) -> None:
     source, out = Path(args.ckpt), Path(args.out)
     if out.resolve() == source.resolve() or out.suffix == ".json":
         raise UserInputError(f"--out {out} would overwrite the input checkpoint or the report; name it e.g. ckpt_int8.pt")
+    check_output(out, "--out")
+    if out.with_suffix(".json").is_dir():
+        raise UserInputError(f"--out {out} has its report beside it as {out.with_suffix('.json')}, which is a directory; "
+                             "choose another --out")
     for flag, lowest in (("eval_batches", 0), ("batch_size", 1), ("bench_tokens", 0), ("threads", 1)):
         if getattr(args, flag) < lowest:
             raise UserInputError(f"--{flag.replace('_', '-')} must be at least {lowest}, got {getattr(args, flag)}")
@@ -196,4 +200,4 @@ def new_file(out: Path) -> Path:
     """--out for a command that writes a new file: an existing one is refused, never replaced."""
     if out.exists():
         raise UserInputError(f"--out {out} already exists; choose a new file (nothing was written)")
-    return out
+    return check_output(out, "--out")

@@ -22,21 +22,11 @@ import time
 from pathlib import Path
 
 from gptcore.errors import UserInputError
-from gptcore.files import atomic_write_bytes
+from gptcore.files import atomic_write_bytes, check_output
 
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"  # who holds the lock, written atomically beside it (the lock file's inode must stay)
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-def check_writable_dir(out_dir: Path) -> None:
-    """out_dir must be a directory we can write, or a path where one can be made."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
-    existing = next((parent for parent in (out_dir, *out_dir.parents) if parent.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"out_dir {out_dir} cannot be written here ({existing} is not writable); "
-                             "choose an out_dir you can write to")
 
 
 class RunLock:
@@ -47,7 +37,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        check_writable_dir(self.out_dir)
+        check_output(self.out_dir, "out_dir", directory=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
