@@ -104,17 +104,22 @@ def test_cpu_training_under_autocast_writes_attention_out_up_to_its_token_limit(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_keeps_one_minus_p_of_the_elements_scaled_and_its_gradient_takes_the_same_mask(dtype):
-    """fast_dropout draws its CPU mask with rand instead of PyTorch's bernoulli_: the same law."""
+    """fast_dropout draws its CPU mask from 15-bit lanes of random integers instead of PyTorch's
+    bernoulli_: the same law, each element independent of its neighbours (four share a draw)."""
     torch.manual_seed(0)
     x = (torch.rand(1000, 1000) + 1).to(dtype).requires_grad_()  # in [1, 2]: zero only where dropped
     y = fast_dropout(x, 0.2)
     assert y.dtype == dtype
     kept = y != 0
-    # 10^6 draws: the kept share's standard deviation is 4e-4.
+    # 10^6 draws: the kept share's standard deviation is 4e-4, a pair's 5e-4.
     assert abs(kept.float().mean().item() - 0.8) < 2e-3
-    torch.testing.assert_close(y[kept], x[kept].detach() * 1.25)
+    for first, second in [(kept[:, :-1], kept[:, 1:]), (kept[:, :-4], kept[:, 4:]), (kept[:-1], kept[1:])]:
+        assert abs((first & second).float().mean().item() - 0.64) < 3e-3
+    torch.testing.assert_close(y[kept], x[kept].detach() * 1.25, atol=0, rtol=1e-4 if dtype == torch.float32 else 0)
     y.backward(torch.ones_like(y))
-    assert torch.equal(x.grad, kept.to(dtype) * 1.25)
+    scale = x.grad[kept].unique()  # the gradient takes the same mask and scale
+    assert len(scale) == 1 and abs(scale.item() - 1.25) < 1e-4 and torch.equal(x.grad, kept.to(dtype) * scale)
+    assert len(odd := fast_dropout(torch.ones(7, 3), 0.5).flatten()) == 21 and set(odd.tolist()) == {0.0, 2.0}
     assert torch.equal(fast_dropout(x, 0.2, training=False), x) and torch.equal(fast_dropout(x, 0.0), x)
     assert fast_dropout(x, 1.0).abs().max() == 0
 
