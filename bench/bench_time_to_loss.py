@@ -6,6 +6,7 @@
     python bench/bench_time_to_loss.py --arms finetune-dropout0.2,finetune --init-from runs/pretrain/ckpt.pt --data book.txt
     python bench/bench_time_to_loss.py --arms baseline,nanogpt --nanogpt ../nanoGPT   # nanoGPT's own train.py
     python bench/bench_time_to_loss.py --arms fast@../before,fast     # another checkout's gptcore against this one
+    python bench/bench_time_to_loss.py --arms fast@../before,fast --set train.dtype=float32   # every arm in fp32
     python bench/bench_time_to_loss.py --report runs.json --arms fast,baseline   # saved runs, another reference
 
 Each arm is a recipe run for its own number of steps (a schedule decays over max_iters, so the
@@ -319,6 +320,22 @@ def stepwise(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def check_overrides(overrides: list[str], recipes: set[str], config: str, steps: int) -> None:
+    """--set, refused in one line before any run where it does not make a valid config of every
+    gptcore arm (nanoGPT's own train.py takes none)."""
+    from gptcore.config import load_config
+    from gptcore.errors import UserInputError
+
+    if overrides and "nanogpt" in recipes:
+        sys.exit("bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py")
+    try:
+        for recipe in sorted(recipes - {"nanogpt"}):
+            preset, extra = ARMS[recipe]
+            load_config(preset.format(config=config), [o.format(steps=steps) for o in extra] + overrides)
+    except UserInputError as err:
+        sys.exit(f"bench_time_to_loss: --set: {err}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", help="the baseline's preset (default cpu)")
@@ -337,6 +354,8 @@ def main() -> None:
     parser.add_argument("--init-from", help="every arm fine-tunes this checkpoint (train.init_from)")
     parser.add_argument("--nanogpt", metavar="CHECKOUT", help="a nanoGPT checkout, for the arm nanogpt")
     parser.add_argument("--json", help="write every run's curve here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm (repeatable), e.g. train.dtype=float32")
     parser.add_argument("--optimizer-cost", action="store_true", help="time the optimizer step alone and stop")
     parser.add_argument("--block-cost", action="store_true", help="time forward + backward per block option and stop")
     parser.add_argument("--report", metavar="JSON", help="report the runs of an earlier --json again and stop")
@@ -379,13 +398,15 @@ def main() -> None:
             sys.exit("bench_time_to_loss: the arm nanogpt trains from scratch; leave out --init-from or the arm")
         nanogpt_arm.check_checkout(args.nanogpt)
     steps = args.steps
+    check_overrides(args.set, set(recipes), args.config, steps)
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for round_ in range(args.seeds):
         for arm in arms:
             recipe, script = split_arm(arm)
             preset, extra = ARMS[recipe]
-            overrides = ([o.format(steps=steps) for o in extra] + ([f"train.threads={args.threads}"] if args.threads else [])
+            overrides = ([o.format(steps=steps) for o in extra] + args.set
+                         + ([f"train.threads={args.threads}"] if args.threads else [])
                          + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
             command = [sys.executable, str(script), "--one", "--preset", preset.format(config=args.config),
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,

@@ -115,6 +115,22 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
         "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
 
 
+def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path):
+    script = REPO / "bench" / "bench_time_to_loss.py"
+    for name in ("train.py", "model.py", "configurator.py"):  # what a nanoGPT checkout is known by
+        (tmp_path / name).touch()
+    for extra, message in [
+        (["--arms", "finetune,fast", "--set", "train.dtyp=float32"],
+         "bench_time_to_loss: --set: unknown config key 'train.dtyp'; did you mean train.dtype?"),
+        (["--arms", "fast", "--set", "train.dtype=float32", "--set", "model.n_head=5"],
+         "bench_time_to_loss: --set: model.n_embd (128) must be divisible by model.n_head (5); try model.n_embd=125"),
+        (["--arms", "baseline,nanogpt", "--nanogpt", str(tmp_path), "--set", "train.dtype=float32"],
+         "bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py"),
+    ]:
+        refused = subprocess.run([sys.executable, script, *extra], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.strip() == message, refused.stderr
+
+
 def test_a_json_path_that_cannot_be_written_is_refused_before_any_run(tmp_path):
     for script in ("bench_time_to_loss", "bench_runtimes", "bench_quantize"):
         refused = subprocess.run([sys.executable, REPO / "bench" / f"{script}.py", "--json", str(tmp_path)],
