@@ -87,15 +87,18 @@ def test_bf16_autocast_training_gives_the_fp32_gradients_to_bf16_precision(token
     assert (mixed - exact).norm() / exact.norm() < 0.05
 
 
-def test_cpu_training_under_autocast_writes_attention_out_up_to_its_token_limit():
+def test_cpu_training_writes_attention_out_under_autocast_up_to_its_token_limit_and_with_dropout_always():
     def values(tokens, dtype=torch.bfloat16):
         return torch.zeros(1, 2, tokens, 8, dtype=dtype)
 
-    assert attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS))
-    assert not attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS + 1))
-    assert not attention_by_matmul(values(16, torch.float32))
+    assert attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS), 0.0)
+    assert not attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS + 1), 0.0)
+    assert not attention_by_matmul(values(16, torch.float32), 0.0)
+    # With dropout, PyTorch's CPU attention takes its math path: written out too, with a slower mask.
+    assert attention_by_matmul(values(16, torch.float32), 0.1)
+    assert attention_by_matmul(values(MATMUL_ATTENTION_MAX_TOKENS + 1), 0.1)
     with torch.no_grad():  # evaluation and sampling: no backward, and bf16 flash attention's forward is fast
-        assert not attention_by_matmul(values(16))
+        assert not attention_by_matmul(values(16), 0.0)
     q, k, v = torch.randn(3, 2, 4, 20, 8).unbind()
     torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                rtol=1e-5, atol=1e-6)

@@ -83,13 +83,16 @@ class Dropout(nn.Dropout):
 MATMUL_ATTENTION_MAX_TOKENS = 512
 
 
-def attention_by_matmul(v: torch.Tensor) -> bool:
-    """Whether attention runs as matmul_attention rather than scaled_dot_product_attention: in
-    CPU training under autocast, up to MATMUL_ATTENTION_MAX_TOKENS. There PyTorch's CPU flash
-    attention has a bf16 backward 2-4x slower than its fp32 one, and bf16 matmuls beat both;
-    beyond, bf16 flash attention is the fastest of the three."""
-    return (v.is_cpu and v.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and v.size(-2) <= MATMUL_ATTENTION_MAX_TOKENS)
+def attention_by_matmul(v: torch.Tensor, dropout: float) -> bool:
+    """Whether attention runs as matmul_attention rather than scaled_dot_product_attention, in
+    CPU training (bench/bench_attention.py):
+    - with dropout, at any length and dtype: PyTorch's CPU flash kernels have no dropout, so it
+      takes its math path, which writes the scores out as well, with a bernoulli_ mask;
+    - without, under autocast up to MATMUL_ATTENTION_MAX_TOKENS: there the CPU flash attention's
+      bf16 backward is 2-4x slower than its fp32 one, and bf16 matmuls beat both; beyond, bf16
+      flash attention is the fastest of the three."""
+    return v.is_cpu and torch.is_grad_enabled() and (
+        dropout > 0 or (v.dtype == torch.bfloat16 and v.size(-2) <= MATMUL_ATTENTION_MAX_TOKENS))
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -151,7 +154,7 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if attention_by_matmul(v):
+        if attention_by_matmul(v, dropout):
             return matmul_attention(q, k, v, dropout)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
