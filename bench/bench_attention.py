@@ -14,6 +14,7 @@ beyond (gpt.attention_by_matmul); this is where that line comes from.
 With --dropout, PyTorch's CPU flash kernels step aside (they have no dropout) for its math path,
 which writes the scores out too and draws the mask with bernoulli_; each dtype's
 scaled_dot_product_attention is timed against matmul_attention, whose mask is gpt.fast_dropout.
+Training with dropout takes matmul_attention at any length and dtype; this is why.
 
 The shapes are
 bench_train.py's two and the presets' (batch cut where a call would take long: time scales with
