@@ -123,6 +123,8 @@ def test_cpu_dropout_keeps_one_minus_p_of_the_elements_scaled_and_its_gradient_t
     scale = x.grad[kept].unique()  # the gradient takes the same mask and scale
     assert len(scale) == 1 and abs(scale.item() - 1.25) < 1e-4 and torch.equal(x.grad, kept.to(dtype) * scale)
     assert len(odd := fast_dropout(torch.ones(7, 3), 0.5).flatten()) == 21 and set(odd.tolist()) == {0.0, 2.0}
+    compiled = torch.compile(fast_dropout, fullgraph=True, backend="eager")  # a compiled CPU step: no graph break
+    assert abs((compiled(x.detach(), 0.2) != 0).float().mean().item() - 0.8) < 2e-3
     assert torch.equal(fast_dropout(x, 0.2, training=False), x) and torch.equal(fast_dropout(x, 0.0), x)
     assert fast_dropout(x, 1.0).abs().max() == 0
 

@@ -65,8 +65,9 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     45% of a CPU training step with dropout 0.2; rand, one Mersenne Twister draw per element,
     still took a third of it. Here one 64-bit draw serves four elements, 15 bits each (the top
     lane's sign bit is always 0): p is rounded to 1/32768 and the scale is exact for that p, so
-    the mask's mean is 1. Elsewhere PyTorch's own (a fused kernel on CUDA)."""
-    if not (training and x.is_cpu and 0.0 < p < 1.0):
+    the mask's mean is 1. Elsewhere PyTorch's own: a fused kernel on CUDA, and under torch.compile
+    inductor's own random numbers, fused into the kernel (dynamo cannot trace random_)."""
+    if not (training and x.is_cpu and 0.0 < p < 1.0) or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     dropped = min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)  # of DROPOUT_LEVELS equally likely draws
     lanes = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
