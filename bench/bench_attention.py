@@ -69,18 +69,15 @@ def fp32_flash(q, k, v):
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(v.dtype)
 
 
-def bf16_flash(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
 def sdpa(dropout: float):
+    """scaled_dot_product_attention in the inputs' dtype: bf16 flash attention without dropout."""
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
 def variants(dropout: float) -> dict[str, tuple[Callable, torch.dtype]]:
     """name: (attention, the dtype of its queries, keys and values)."""
     if not dropout:
-        return {"fp32 flash": (fp32_flash, torch.bfloat16), "bf16 flash": (bf16_flash, torch.bfloat16),
+        return {"fp32 flash": (fp32_flash, torch.bfloat16), "bf16 flash": (sdpa(0.0), torch.bfloat16),
                 "bf16 matmul": (matmul_attention, torch.bfloat16)}
     written_out = partial(matmul_attention, dropout=dropout)
     return {"fp32 sdpa": (sdpa(dropout), torch.float32), "fp32 matmul": (written_out, torch.float32),

@@ -320,6 +320,12 @@ def stepwise(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def arm_config(recipe: str, config: str, steps: int, overrides: list[str]) -> tuple[str, list[str]]:
+    """A gptcore arm's preset and overrides: its recipe's at this step budget, then --set's."""
+    preset, extra = ARMS[recipe]
+    return preset.format(config=config), [o.format(steps=steps) for o in extra] + overrides
+
+
 def check_overrides(overrides: list[str], recipes: set[str], config: str, steps: int) -> None:
     """--set, refused in one line before any run where it does not make a valid config of every
     gptcore arm (nanoGPT's own train.py takes none)."""
@@ -330,8 +336,7 @@ def check_overrides(overrides: list[str], recipes: set[str], config: str, steps:
         sys.exit("bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py")
     try:
         for recipe in sorted(recipes - {"nanogpt"}):
-            preset, extra = ARMS[recipe]
-            load_config(preset.format(config=config), [o.format(steps=steps) for o in extra] + overrides)
+            load_config(*arm_config(recipe, config, steps, overrides))
     except UserInputError as err:
         sys.exit(f"bench_time_to_loss: --set: {err}")
 
@@ -404,11 +409,10 @@ def main() -> None:
     for round_ in range(args.seeds):
         for arm in arms:
             recipe, script = split_arm(arm)
-            preset, extra = ARMS[recipe]
-            overrides = ([o.format(steps=steps) for o in extra] + args.set
-                         + ([f"train.threads={args.threads}"] if args.threads else [])
-                         + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
-            command = [sys.executable, str(script), "--one", "--preset", preset.format(config=args.config),
+            preset, overrides = arm_config(recipe, args.config, steps, args.set)
+            overrides += (([f"train.threads={args.threads}"] if args.threads else [])
+                          + ([f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []))
+            command = [sys.executable, str(script), "--one", "--preset", preset,
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
             if recipe == "nanogpt":
