@@ -326,19 +326,21 @@ def arm_config(recipe: str, config: str, steps: int, overrides: list[str]) -> tu
     return preset.format(config=config), [o.format(steps=steps) for o in extra] + overrides
 
 
-def check_overrides(overrides: list[str], recipes: set[str], config: str, steps: int) -> None:
-    """--set, refused in one line before any run where it does not make a valid config of every
-    gptcore arm (nanoGPT's own train.py takes none)."""
+def check_configs(overrides: list[str], recipes: set[str], config: str, steps: int) -> None:
+    """Every gptcore arm's config from --config, then with --set, refused in one line before any
+    run, naming which of the two is wrong (nanoGPT's own train.py takes no --set)."""
     from gptcore.config import load_config
     from gptcore.errors import UserInputError
 
     if overrides and "nanogpt" in recipes:
         sys.exit("bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py")
-    try:
-        for recipe in sorted(recipes - {"nanogpt"}):
-            load_config(*arm_config(recipe, config, steps, overrides))
-    except UserInputError as err:
-        sys.exit(f"bench_time_to_loss: --set: {err}")
+    for recipe in sorted(recipes - {"nanogpt"}):
+        preset, own = arm_config(recipe, config, steps, [])
+        for flag, extra in (("--config", []), ("--set", overrides)):
+            try:
+                load_config(preset, own + extra)
+            except UserInputError as err:
+                sys.exit(f"bench_time_to_loss: {flag}: {err}")
 
 
 def main() -> None:
@@ -403,7 +405,7 @@ def main() -> None:
             sys.exit("bench_time_to_loss: the arm nanogpt trains from scratch; leave out --init-from or the arm")
         nanogpt_arm.check_checkout(args.nanogpt)
     steps = args.steps
-    check_overrides(args.set, set(recipes), args.config, steps)
+    check_configs(args.set, set(recipes), args.config, steps)
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for round_ in range(args.seeds):

@@ -124,6 +124,9 @@ def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path):
          "bench_time_to_loss: --set: unknown config key 'train.dtyp'; did you mean train.dtype?"),
         (["--arms", "fast", "--set", "train.dtype=float32", "--set", "model.n_head=5"],
          "bench_time_to_loss: --set: model.n_embd (128) must be divisible by model.n_head (5); try model.n_embd=125"),
+        (["--arms", "baseline", "--config", "nosuch", "--set", "train.dtype=float32"],  # named as --config's, not --set's
+         "bench_time_to_loss: --config: config 'nosuch' is neither a YAML file nor a preset; presets: cpu, fast, "
+         "finetune, large, seed, shakespeare_char, tiny"),
         (["--arms", "baseline,nanogpt", "--nanogpt", str(tmp_path), "--set", "train.dtype=float32"],
          "bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py"),
     ]:
