@@ -27,7 +27,6 @@ up to half its speed at the larger shapes.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from functools import partial
@@ -36,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
+from arguments import BenchParser, at_least, probability, thread_count
 from shapes import SHAPES
 
 from gptcore.cluster.allocator import keep_buffers_in_heap
@@ -105,10 +105,10 @@ def time_variants(shape: tuple[int, int, int, int], rounds: int, ways: dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (default: none)")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=thread_count(1), default=2)
+    parser.add_argument("--rounds", type=at_least(1), default=6)
+    parser.add_argument("--dropout", type=probability, default=0.0, help="attention dropout (default: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_buffers_in_heap()  # as a training rank does: the scores' buffers stay mapped between calls

@@ -20,7 +20,6 @@ CPU other processes took during it are printed.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -30,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from harness import OthersCpu, output_path, spread, wait_for_quiet
+from harness import OthersCpu, spread, wait_for_quiet
+from arguments import BenchParser, at_least, non_negative_number, output_path
 
 from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
@@ -72,12 +72,12 @@ def blocking_save(state: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--dir", default=None, help="where the files go (default: a temporary directory)")
-    parser.add_argument("--batch", type=int, default=2, help="rows per training step in the last test")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--batch", type=at_least(1), default=2, help="rows per training step in the last test")
+    parser.add_argument("--steps", type=at_least(1), default=4)
+    parser.add_argument("--max-load", type=non_negative_number, default=1.0)
     args = parser.parse_args()
     scratch = output_path(args.dir, "--dir", directory=True)
     if scratch:

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import BenchParser, at_least, listed
 from shapes import REPO, data_path, model_overrides
 
 from gptcore.telemetry.metrics import read_metrics
@@ -121,13 +122,13 @@ def allreduce_ms(ranks: int, numel: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", default="2", help="comma-separated rank counts, each compared with 1 rank")
-    parser.add_argument("--batch", type=int, default=12, help="rows of 64 tokens per rank and step")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians")
-    parser.add_argument("--log-every", type=int, default=5, help="steps per timed window")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows; each row's median counts")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=listed(at_least(1)), default=[2], help="comma-separated rank counts, each compared with 1 rank")
+    parser.add_argument("--batch", type=at_least(1), default=12, help="rows of 64 tokens per rank and step")
+    parser.add_argument("--steps", type=at_least(1), default=120)
+    parser.add_argument("--warmup", type=at_least(0), default=20, help="steps left out of the medians")
+    parser.add_argument("--log-every", type=at_least(1), default=5, help="steps per timed window")
+    parser.add_argument("--repeats", type=at_least(1), default=1, help="rounds over all rows; each row's median counts")
     parser.add_argument("--hook-cost", action="store_true", help="time DDP with and without the all-reduce timing hook")
     parser.add_argument("--fsdp", action="store_true", help="time train.parallel=fsdp against ddp on the same ranks")
     parser.add_argument("--allreduce-worker", type=int, default=0, help=argparse.SUPPRESS)
@@ -138,7 +139,7 @@ def main() -> int:
     for flag, (what, variants) in PAIRS.items():
         if getattr(args, flag):
             return compare_pair(args, what, variants)
-    counts = [int(part) for part in args.ranks.split(",")]
+    counts = args.ranks
     # The 1-rank baseline, then for each N: N independent 1-rank runs, then N ranks with DDP.
     plan = [(1, 1)] + [plan for n in counts if n > 1 for plan in ((1, n), (n, 1))]
     # Rounds go through the whole plan, so that drifting load from elsewhere hits every row alike;
@@ -185,7 +186,7 @@ PAIRS = {
 
 def compare_pair(args, what: str, variants: dict) -> int:
     """N-rank step time of two variants, rounds alternating which goes first."""
-    ranks = int(args.ranks.split(",")[0])
+    ranks = args.ranks[0]
     medians = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.repeats):

@@ -16,13 +16,13 @@ processes took during each round is printed with it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
 
 from harness import OthersCpu, spread, wait_for_quiet
+from arguments import BenchParser, at_least, listed, non_negative_number, thread_count
 
 from gptcore.config import load_config  # noqa: E402
 from gptcore.data.corpus import CharTokenizer  # noqa: E402
@@ -55,13 +55,13 @@ def variants_for(shape: str, compare: str) -> dict[str, tuple[LoadedModel, bool]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", choices=["compile", "layout"], default="compile")
     parser.add_argument("--shape", default="seed,cpu", help=f"comma-separated of {', '.join(SHAPES)}, or all")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--threads", type=listed(thread_count(1)), default=[1, 2])
+    parser.add_argument("--tokens", type=at_least(1), default=200)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--max-load", type=non_negative_number, default=1.0)
     args = parser.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else args.shape.split(",")
     if unknown := [shape for shape in shapes if shape not in SHAPES]:
@@ -69,7 +69,7 @@ def main() -> None:
     for shape in shapes:
         variants = variants_for(shape, args.compare)
         base, other = list(variants)
-        for threads in map(int, args.threads.split(",")):
+        for threads in args.threads:
             torch.set_num_threads(threads)
             for loaded, compiled in variants.values():  # compile and warm up outside the timed rounds
                 decode_speed(loaded, 8, seed=0, compile=compiled)

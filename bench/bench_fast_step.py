@@ -15,7 +15,6 @@ the same weights and batches, and their losses are checked to be the same, bit f
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from harness import REPO, spread  # noqa: F401  (puts the checkout on sys.path)
+from arguments import BenchParser, at_least, known_config, thread_count
 
 VARIANTS = ("autograd relu2", "ReLUSquared")
 
@@ -47,11 +47,11 @@ def autograd_relu2():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="fast")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", type=known_config, default="fast")
+    parser.add_argument("--rounds", type=at_least(1), default=10)
+    parser.add_argument("--steps", type=at_least(1), default=10, help="steps per variant per round")
+    parser.add_argument("--threads", type=thread_count(1), default=2)
     args = parser.parse_args()
     import torch
 

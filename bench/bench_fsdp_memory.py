@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from harness import REPO
+from arguments import BenchParser, at_least, known_config, listed, one_of
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 VOCAB = 96  # a character vocabulary the size of the shipped corpus's
@@ -68,10 +69,10 @@ def measure(config_name: str, strategy: str, ranks: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="seed,large")
-    parser.add_argument("--strategies", default="ddp,fsdp")
-    parser.add_argument("--ranks", default="1,2,4,8")
+    parser = BenchParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", type=listed(known_config), default=["seed", "large"])
+    parser.add_argument("--strategies", type=listed(one_of("ddp", "fsdp")), default=["ddp", "fsdp"])
+    parser.add_argument("--ranks", type=listed(at_least(1)), default=[1, 2, 4, 8])
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -80,10 +81,10 @@ def main() -> int:
     print("| config | parameters | strategy | ranks | weights MiB | gradients MiB | AdamW MiB | total MiB | "
           "of DDP's |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for config_name in args.configs.split(","):
+    for config_name in args.configs:
         ddp_total = None
-        for strategy in args.strategies.split(","):
-            for ranks in map(int, args.ranks.split(",")):
+        for strategy in args.strategies:
+            for ranks in args.ranks:
                 row = measure(config_name, strategy, ranks)
                 total = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
                 if strategy == "ddp" and ranks == 1:

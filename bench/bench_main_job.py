@@ -14,7 +14,6 @@ measure). The verdict compares the presets' losses and wall times with Welch's t
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from harness import REPO
+from arguments import BenchParser, at_least, data_source, known_config, listed
 
 from bench_time_to_loss import mean_std, welch
 
@@ -46,6 +46,13 @@ def full_val_loss(run_dir: Path) -> float:
         return evaluate_full(loaded.model, batches, "val", 64, autocast)
 
 
+def arm_type(text: str) -> str:
+    """An argparse type: PRESET[:KEY=VALUE...], whose config loads."""
+    name, *overrides = text.split(":")
+    known_config(name, overrides)
+    return text
+
+
 def run(arm: str, data: str, tmp: Path, round_: int) -> dict:
     preset, *overrides = arm.split(":")
     out = tmp / f"{arm.replace(':', '+').replace('=', '-')}-{round_}"
@@ -62,12 +69,13 @@ def run(arm: str, data: str, tmp: Path, round_: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="cpu,fast")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--data", default="shakespeare")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", type=listed(arm_type), default=["cpu", "fast"],
+                        help="comma-separated arms, PRESET[:KEY=VALUE...] each")
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--data", type=data_source, default="shakespeare")
     args = parser.parse_args()
-    presets = args.presets.split(",")
+    presets = args.presets
     results: dict[str, list[dict]] = {preset: [] for preset in presets}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):

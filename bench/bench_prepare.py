@@ -14,7 +14,6 @@ checkout (PYTHONPATH) on the same file, once per round as well.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import resource
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import psutil
 
-from harness import REPO, output_path, spread
+from harness import REPO, spread
+from arguments import BenchParser, at_least, checkout, listed, output_path, positive_number, refuse
 
 WORDS = ("the king and queen walk to the castle while a fool sings of love and war , my lord speaks "
          "softly to the night ; what light through yonder window breaks ? all the world is a stage "
@@ -87,29 +87,44 @@ def measured_run(command: list[str], env: dict, cwd: Path = REPO) -> dict:
             "sum_mb": peak_sum / 2**20, "others_pct": max(0.0, 100 * others / seconds)}
 
 
+def check_space(work: Path, size: int, variants: int) -> None:
+    """Refused before anything is written: the corpus and each variant's tokens (a byte per
+    character of this corpus) must fit on the disk that holds WORK."""
+    corpus = work / "corpus.txt"
+    kept = corpus.stat().st_size if corpus.is_file() and corpus.stat().st_size == size else 0  # reused
+    where = next(parent for parent in [work, *work.parents] if parent.exists())
+    need, free = size * (1 + variants) - kept, shutil.disk_usage(where).free
+    if need > free:
+        refuse(f"--gb {size / 1e9:g} needs {need / 1e9:.1f} GB in {where} (the corpus and {variants} prepared "
+               f"copies) and {free / 1e9:.1f} GB are free; pass a smaller --gb or another --dir")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gb", type=float, default=2.0, help="corpus size in GB (1e9 bytes)")
+    parser = BenchParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=positive_number, default=2.0, help="corpus size in GB (1e9 bytes)")
     parser.add_argument("--dir", default=None, help="where the corpus and outputs go (default: a temporary one)")
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--limit-mb", type=int, default=0, help="also one run per worker count under ulimit -v")
-    parser.add_argument("--reference-src", default=None, help="an older checkout whose prepare runs for comparison")
+    parser.add_argument("--workers", type=listed(at_least(1)), default=[1, 2])
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--limit-mb", type=at_least(0), default=0, help="also one run per worker count under ulimit -v")
+    parser.add_argument("--reference-src", type=checkout(("gptcore/__main__.py",), "a gptcore checkout"), default=None,
+                        help="an older checkout whose prepare runs for comparison")
     args = parser.parse_args()
-    work = output_path(args.dir, "--dir", directory=True) or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    size = int(args.gb * 1e9)
+    work = output_path(args.dir, "--dir", directory=True)
+    check_space(work or Path(tempfile.gettempdir()), size, len(args.workers) + bool(args.reference_src))
+    work = work or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
-    size = int(args.gb * 1e9)
     if not corpus.is_file() or corpus.stat().st_size != size:
         write_corpus(corpus, size)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     variants = {f"{w} worker(s)": ([sys.executable, "-m", "gptcore", "prepare", "--data", str(corpus), "--out",
-                                    str(work / f"out-{w}"), "--workers", w], env, REPO)
-                for w in args.workers.split(",")}
+                                    str(work / f"out-{w}"), "--workers", str(w)], env, REPO)
+                for w in args.workers}
     if args.reference_src:  # run from inside it, so that `-m gptcore` is that checkout's
         variants["reference checkout"] = ([sys.executable, "-m", "gptcore", "prepare", "--data", str(corpus), "--out",
-                                           str(work / "out-ref")], {**env, "PYTHONPATH": args.reference_src},
-                                          Path(args.reference_src))
+                                           str(work / "out-ref")], {**env, "PYTHONPATH": str(args.reference_src)},
+                                          args.reference_src)
     results = {name: [] for name in variants}
     print(f"corpus {size / 1e9:.2f} GB, {psutil.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
     for k in range(args.rounds):
@@ -125,7 +140,7 @@ def main() -> int:
         print(f"| {name} | {spread([size / 1e6 / r['seconds'] for r in runs])} | {spread([r['main_mb'] for r in runs])} "
               f"| {spread([r['worker_mb'] for r in runs])} | {spread([r['sum_mb'] for r in runs])} |")
     if args.limit_mb:
-        for w in args.workers.split(","):
+        for w in args.workers:
             script = f"ulimit -v {args.limit_mb * 1024} && exec {' '.join(variants[f'{w} worker(s)'][0])}"
             run = measured_run(["bash", "-c", script], env)
             print(f"under ulimit -v {args.limit_mb} MB, {w} worker(s): done, {size / 1e6 / run['seconds']:.1f} MB/s, "

@@ -18,7 +18,6 @@ discarded rounds are printed with the results."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,6 +32,7 @@ import psutil
 import torch
 
 from harness import OthersCpu, wait_for_quiet  # noqa: E402  (puts the checkout on sys.path)
+from arguments import BenchParser, at_least, non_negative_number, thread_count
 
 from analysis.scaling import steady_records  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
@@ -114,15 +114,15 @@ def run_round(names: list[str], shape: str, steps: int, threads: int, fake_bin: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
-    parser.add_argument("--rounds", type=int, default=3, help="clean rounds to collect")
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 60 small, 400 tiny)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-load", type=float, default=1.0, help="wait for a lower 1-min load average first")
-    parser.add_argument("--max-others", type=float, default=20.0,
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="clean rounds to collect")
+    parser.add_argument("--steps", type=at_least(0), default=0, help="steps per run (default: 60 small, 400 tiny)")
+    parser.add_argument("--threads", type=thread_count(1), default=2)
+    parser.add_argument("--max-load", type=non_negative_number, default=1.0, help="wait for a lower 1-min load average first")
+    parser.add_argument("--max-others", type=non_negative_number, default=20.0,
                         help="a round in which other processes took more CPU %% than this is run again")
-    parser.add_argument("--max-attempts", type=int, default=12)
+    parser.add_argument("--max-attempts", type=at_least(1), default=12)
     args = parser.parse_args()
     steps = args.steps or (60 if args.shape == "small" else 400)
     torch.set_num_threads(args.threads)

@@ -21,13 +21,11 @@ on all of them alike; the tables give medians over repeats, ratios are of median
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from harness import output_path  # noqa: E402
+from arguments import BenchParser, at_least, data_source, existing_file, output_path, thread_count  # noqa: E402
 
 from gptcore.checkpointing import checkpoint  # noqa: E402
 from gptcore.files import atomic_write_bytes  # noqa: E402
@@ -222,14 +220,14 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="a trained fp32 checkpoint (skipped when absent)")
-    parser.add_argument("--data", default=None, help="text to evaluate on (default: the run's data beside --ckpt)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tokens", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-cache-repeats", type=int, default=3)
-    parser.add_argument("--eval-batches", type=int, default=50)
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=existing_file, default=None, help="a trained fp32 checkpoint (skipped when absent)")
+    parser.add_argument("--data", type=data_source, default=None, help="text to evaluate on (default: the run's data beside --ckpt)")
+    parser.add_argument("--threads", type=thread_count(1), default=1)
+    parser.add_argument("--tokens", type=at_least(1), default=500)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--no-cache-repeats", type=at_least(1), default=3)
+    parser.add_argument("--eval-batches", type=at_least(1), default=50)
     parser.add_argument("--variants", action="store_true", help="also time the alternatives that were tried")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ whole_processes. --json keeps every number.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-from harness import REPO, output_path
+from harness import REPO
+from arguments import (BenchParser, at_least, checkout, is_program, listed, one_of, output_path, program, refuse,
+                       thread_count)
 from shapes import data_path
 
 from gptcore.checkpointing.sharded import open_checkpoint  # noqa: E402
@@ -50,6 +52,7 @@ from gptcore.telemetry import hardware  # noqa: E402
 SHAPES = ("tiny", "cpu", "shakespeare_char", "seed")
 GPTCORE_MODES = ("fp32", "bf16", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+NANOGPT_FILES = ("sample.py", "model.py", "configurator.py")  # what sample.py runs on
 
 
 def gptcore(*args: str, threads: int = 2) -> str:
@@ -139,6 +142,26 @@ def timed_process(command: list[str], cwd: Path, threads: int) -> float:
     return elapsed
 
 
+def nanogpt_directory(checkout: Path, ckpt: Path) -> Path:
+    """Where nanoGPT's sample.py runs on CKPT's weights without touching the checkout: beside
+    links to its files, out/ holds the exported checkpoint and data/<dataset>/ its meta.pkl (read
+    from the working directory)."""
+    where = ckpt.parent / "nanogpt"
+    if not where.exists():
+        gptcore("export", "--ckpt", str(ckpt), "--format", "nanogpt", "--out", str(where / "out"))
+        for name in NANOGPT_FILES:
+            (where / name).symlink_to(checkout.resolve() / name)
+        meta_dir = where / "data" / torch.load(where / "out" / "ckpt.pt", weights_only=True)["config"]["dataset"]
+        meta_dir.mkdir(parents=True)
+        (meta_dir / "meta.pkl").write_bytes((where / "out" / "meta.pkl").read_bytes())
+    return where
+
+
+def llama_completion(llama_bench: str) -> str:
+    """llama.cpp's llama-completion, built beside llama-bench."""
+    return str(Path(llama_bench).with_name("llama-completion"))
+
+
 def whole_processes(shape: str, files: dict[str, Path], args, threads: int) -> list[dict]:
     """A 500-token continuation as a user runs it, start-up included: `gptcore sample` per mode,
     nanoGPT's sample.py on the same weights (--nanogpt), llama.cpp's llama-completion (beside
@@ -153,17 +176,11 @@ def whole_processes(shape: str, files: dict[str, Path], args, threads: int) -> l
             commands[f"gptcore sample {mode} --weights quantized"] = (
                 [*sample, str(files[mode]), "--weights", "quantized"], REPO)
     if args.nanogpt:
-        nano = files["fp32"].parent / "nanogpt"
-        if not nano.exists():
-            gptcore("export", "--ckpt", str(files["fp32"]), "--format", "nanogpt", "--out", str(nano))
-        meta_dir = Path(args.nanogpt) / "data" / torch.load(nano / "ckpt.pt", weights_only=True)["config"]["dataset"]
-        meta_dir.mkdir(parents=True, exist_ok=True)
-        (meta_dir / "meta.pkl").write_bytes((nano / "meta.pkl").read_bytes())
         commands["nanoGPT sample.py (fp32, no KV cache)"] = (
-            [python, "sample.py", f"--out_dir={nano}", "--device=cpu", "--num_samples=1", "--dtype=float32",
-             f"--max_new_tokens={args.tokens}", "--compile=False"], Path(args.nanogpt))
+            [python, "sample.py", "--out_dir=out", "--device=cpu", "--num_samples=1", "--dtype=float32",
+             f"--max_new_tokens={args.tokens}", "--compile=False"], nanogpt_directory(args.nanogpt, files["fp32"]))
     if args.llama_bench:
-        completion = str(Path(args.llama_bench).with_name("llama-completion"))
+        completion = llama_completion(args.llama_bench)
         block = load_model(files["fp32"], "cpu").config.model.block_size
         for kind in ("f32", "q8_0"):
             commands[f"llama-completion {kind} ({min(args.tokens, block - 1)} tokens: the context)"] = (
@@ -205,29 +222,37 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts")
-    parser.add_argument("--tokens", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary (rows skipped without)")
-    parser.add_argument("--nanogpt", default=None, help="a nanoGPT checkout, for its sample.py as a whole process")
-    parser.add_argument("--process-shapes", default="shakespeare_char",
-                        help="shapes whose whole-process sample is timed ('' for none)")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", type=listed(one_of(*SHAPES)), default=list(SHAPES), help="comma-separated")
+    parser.add_argument("--threads", type=listed(thread_count(1)), default=[1], help="comma-separated thread counts")
+    parser.add_argument("--tokens", type=at_least(1), default=500)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--llama-bench", type=program, default=None,
+                        help="llama.cpp's llama-bench binary (rows skipped without)")
+    parser.add_argument("--nanogpt", type=checkout(NANOGPT_FILES, "a nanoGPT checkout (git clone "
+                                                   "https://github.com/karpathy/nanoGPT)"),
+                        default=None, help="a nanoGPT checkout, for its sample.py as a whole process")
+    parser.add_argument("--process-shapes", type=lambda text: listed(one_of(*SHAPES))(text) if text else [],
+                        default=["shakespeare_char"], help="shapes whose whole-process sample is timed ('' for none)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     json_path = output_path(args.json, "--json")
+    if args.nanogpt and importlib.util.find_spec("tiktoken") is None:
+        refuse("--nanogpt: nanoGPT's sample.py imports tiktoken, which this Python lacks; pip install tiktoken")
+    if args.llama_bench and args.process_shapes and not is_program(llama_completion(args.llama_bench)):
+        refuse(f"--llama-bench {args.llama_bench}: no llama-completion beside it, for the whole-process rows; build "
+               "it too (cmake --build ... --target llama-completion) or pass --process-shapes ''")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{args.tokens} tokens, {args.rounds} rounds", flush=True)
     rows, processes = [], []
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
-        for shape in args.shapes.split(","):
+        for shape in args.shapes:
             files = make_files(shape, Path(work))
-            for threads in map(int, args.threads.split(",")):
+            for threads in args.threads:
                 measured = measure_shape(shape, files, args, threads)
                 print(table(measured), flush=True)
                 rows += measured
-                if shape in args.process_shapes.split(","):
+                if shape in args.process_shapes:
                     timed = whole_processes(shape, files, args, threads)
                     print(process_table(timed), flush=True)
                     processes += timed

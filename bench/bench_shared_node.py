@@ -26,6 +26,7 @@ import tempfile
 import time
 
 from harness import REPO, spread
+from arguments import BenchParser, at_least, known_config, listed, one_of
 
 from gptcore.cpus import usable_cpus
 
@@ -46,22 +47,38 @@ def clean_env(extra: dict) -> dict:
     return {**env, **extra}
 
 
+def train_arguments(text: str) -> list[str]:
+    """An argparse type: `gptcore train`'s arguments, whose config loads."""
+    from gptcore.cli import build_parser
+    from gptcore.errors import UserInputError
+
+    try:
+        parsed = build_parser().parse_args(["train", *shlex.split(text)])
+    except (UserInputError, ValueError) as err:  # ValueError: shlex's unclosed quote
+        raise argparse.ArgumentTypeError(str(err)) from None
+    known_config(parsed.config, parsed.overrides)
+    return shlex.split(text)
+
+
 def timed_train(train_args: list[str], extra: dict) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "gptcore", "train", *train_args, f"out_dir={tmp}/run",
-                        "train.sample_tokens=0"], cwd=REPO, env=clean_env(extra), check=True,
-                       stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "gptcore", "train", *train_args, f"out_dir={tmp}/run",
+                               "train.sample_tokens=0"], cwd=REPO, env=clean_env(extra), stdout=subprocess.DEVNULL)
+        if done.returncode:
+            sys.exit(f"bench_shared_node: gptcore train {shlex.join(train_args)} failed (its error is above)")
         return time.perf_counter() - start
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", default="--config fast train.max_iters=60", help="gptcore train arguments")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from the names above")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=train_arguments, default="--config fast train.max_iters=60",
+                        help="gptcore train arguments")
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--settings", type=listed(one_of(*SETTINGS)), default=",".join(SETTINGS),
+                        help="comma-separated, from the names above")
     args = parser.parse_args()
-    train_args, names = shlex.split(args.train), args.settings.split(",")
+    train_args, names = args.train, args.settings
     threads = usable_cpus()
     times = {(name, where): [] for name in names for where in ("quiet", "beside")}
     for round_ in range(args.rounds):
@@ -83,7 +100,7 @@ def main() -> None:
             print(f"round {round_ + 1}: {name}: quiet {times[name, 'quiet'][-1]:.1f} s, "
                   f"beside {times[name, 'beside'][-1]:.1f} s", file=sys.stderr, flush=True)
     base = statistics.median(times[names[0], "quiet"])
-    print(f"`gptcore train {args.train}`, whole process, {args.rounds} rounds; the neighbour: `gptcore train "
+    print(f"`gptcore train {shlex.join(args.train)}`, whole process, {args.rounds} rounds; the neighbour: `gptcore train "
           f"--config cpu` on {threads} thread(s), libgomp's default spinning\n")
     print("| wait setting | quiet s | vs default quiet | beside a job s | beside / quiet |")
     print("|---|---|---|---|---|")

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 import nanogpt_arm
-from harness import output_path
+from arguments import (BenchParser, at_least, checkout, data_source, existing_file, known_config, non_negative_number,
+                       output_path, probability, refuse, thread_count)
 
 from gptcore.files import atomic_write_bytes  # noqa: E402
 
@@ -271,7 +272,7 @@ def saved_arms(results: dict[str, list[dict]], arms: str | None) -> dict[str, li
         return results
     chosen = arms.split(",")
     if unknown := [arm for arm in chosen if arm not in results]:
-        sys.exit(f"bench_time_to_loss: the file has no arm {', '.join(unknown)}; it has {', '.join(results)}")
+        refuse(f"the file has no arm {', '.join(unknown)}; it has {', '.join(results)}")
     return {arm: results[arm] for arm in chosen}
 
 
@@ -327,39 +328,44 @@ def arm_config(recipe: str, config: str, steps: int, overrides: list[str]) -> tu
 
 
 def check_configs(overrides: list[str], recipes: set[str], config: str, steps: int) -> None:
-    """Every gptcore arm's config from --config, then with --set, refused in one line before any
-    run, naming which of the two is wrong (nanoGPT's own train.py takes no --set)."""
+    """Every arm's config, from --config with the arm's own overrides, then with --set too, refused
+    in one line before any run, naming what is at fault; the nanogpt arm's must be one nanoGPT's
+    train.py can run (it takes no --set)."""
     from gptcore.config import load_config
     from gptcore.errors import UserInputError
 
     if overrides and "nanogpt" in recipes:
-        sys.exit("bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py")
-    for recipe in sorted(recipes - {"nanogpt"}):
+        refuse("--set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py")
+    for recipe in sorted(recipes):
         preset, own = arm_config(recipe, config, steps, [])
-        for flag, extra in (("--config", []), ("--set", overrides)):
+        for fault, extra in ((f"the arm {recipe} cannot run on --config {config}", []), ("--set", overrides)):
             try:
-                load_config(preset, own + extra)
+                checked = load_config(preset, own + extra)
             except UserInputError as err:
-                sys.exit(f"bench_time_to_loss: {flag}: {err}")
+                refuse(f"{fault}: {err}")
+        if recipe == "nanogpt":
+            nanogpt_arm.check_expressible(checked, preset)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="cpu", help="the baseline's preset (default cpu)")
-    parser.add_argument("--data", default="shakespeare", help="corpus name or text file (default: the default corpus)")
+    parser = BenchParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=known_config, default="cpu", help="the baseline's preset (default cpu)")
+    parser.add_argument("--data", type=data_source, default="shakespeare", help="corpus name or text file (default: the default corpus)")
     parser.add_argument("--arms", help=f"comma-separated, from {', '.join(ARMS)} (default baseline,fast); with "
                         "--report, which of the file's arms, the first the reference (default all)")
-    parser.add_argument("--steps", type=int, default=350, help="step budget of fast and the ablation arms")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--every", type=int, default=25, help="steps between full validation passes (at least "
+    parser.add_argument("--steps", type=at_least(1), default=350, help="step budget of fast and the ablation arms")
+    parser.add_argument("--seeds", type=at_least(1), default=5)
+    parser.add_argument("--every", type=at_least(1), default=25, help="steps between full validation passes (at least "
                         "a fifteenth of the run)")
-    parser.add_argument("--eval-from", type=float, default=0.5, help="first evaluation at this fraction of the run")
-    parser.add_argument("--eval-rows", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=3, help="first steps timed apart (allocation, compile)")
-    parser.add_argument("--target", type=float, default=0.0, help="default: the first arm's mean final val loss")
-    parser.add_argument("--threads", type=int, default=0, help="train.threads (0: all this process may use)")
-    parser.add_argument("--init-from", help="every arm fine-tunes this checkpoint (train.init_from)")
-    parser.add_argument("--nanogpt", metavar="CHECKOUT", help="a nanoGPT checkout, for the arm nanogpt")
+    parser.add_argument("--eval-from", type=probability, default=0.5, help="first evaluation at this fraction of the run")
+    parser.add_argument("--eval-rows", type=at_least(1), default=64)
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="first steps timed apart (allocation, compile)")
+    parser.add_argument("--target", type=non_negative_number, default=0.0, help="default: the first arm's mean final val loss")
+    parser.add_argument("--threads", type=thread_count(0), default=0, help="train.threads (0: all this process may use)")
+    parser.add_argument("--init-from", type=existing_file, help="every arm fine-tunes this checkpoint (train.init_from)")
+    parser.add_argument("--nanogpt", metavar="CHECKOUT", help="a nanoGPT checkout, for the arm nanogpt",
+                        type=checkout(nanogpt_arm.NANOGPT_FILES, "a nanoGPT checkout (git clone "
+                                      "https://github.com/karpathy/nanoGPT)"))
     parser.add_argument("--json", help="write every run's curve here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm (repeatable), e.g. train.dtype=float32")
@@ -378,7 +384,7 @@ def main() -> None:
         try:
             saved = json.loads(Path(args.report).read_text())["results"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            sys.exit(f"bench_time_to_loss: cannot read runs from {args.report} ({err}); give a file that --json wrote")
+            refuse(f"cannot read runs from {args.report} ({err}); give a file that --json wrote")
         results = saved_arms(saved, args.arms)
         target = args.target or statistics.mean(r["final_val"] for r in next(iter(results.values())))
         print("\n".join(report(results, target) + [""] + stepwise(results)))
@@ -394,16 +400,15 @@ def main() -> None:
     arms = (args.arms or "baseline,fast").split(",")
     recipes = [split_arm(arm)[0] for arm in arms]
     if unknown := [arm for arm, recipe in zip(arms, recipes) if recipe not in ARMS]:
-        sys.exit(f"bench_time_to_loss: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        refuse(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if missing := [arm for arm in arms if not split_arm(arm)[1].is_file()]:
-        sys.exit(f"bench_time_to_loss: no {split_arm(missing[0])[1]} for the arm {missing[0]}: ARM@CHECKOUT needs a "
+        refuse(f"no {split_arm(missing[0])[1]} for the arm {missing[0]}: ARM@CHECKOUT needs a "
                  "gptcore checkout there")
     if "nanogpt" in recipes:  # nanogpt@CHECKOUT too: nanoGPT's train.py through that checkout's copy
         if not args.nanogpt:
-            sys.exit("bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
+            refuse("the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
         if args.init_from:
-            sys.exit("bench_time_to_loss: the arm nanogpt trains from scratch; leave out --init-from or the arm")
-        nanogpt_arm.check_checkout(args.nanogpt)
+            refuse("the arm nanogpt trains from scratch; leave out --init-from or the arm")
     steps = args.steps
     check_configs(args.set, set(recipes), args.config, steps)
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
@@ -418,7 +423,7 @@ def main() -> None:
                        "--overrides", json.dumps(overrides), "--seed", str(1000 + round_), "--data", args.data,
                        "--every", str(args.every), "--eval-from", str(args.eval_from), "--eval-rows", str(args.eval_rows), "--warmup", str(args.warmup)]
             if recipe == "nanogpt":
-                command += ["--nanogpt", args.nanogpt]
+                command += ["--nanogpt", str(args.nanogpt)]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"bench_time_to_loss: arm {arm} seed {1000 + round_} failed:\n{done.stderr[-2000:]}")

@@ -11,7 +11,6 @@ so they compare as ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from harness import REPO  # noqa: E402,F401  (puts the checkout on sys.path)
+from arguments import BenchParser, at_least, thread_count
 
 from gptcore.config import load_config  # noqa: E402
 from gptcore.telemetry.metrics import read_metrics  # noqa: E402
@@ -45,10 +45,10 @@ def measure(shape: str, steps: int, threads: int, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=0, help="default: 200 small, 60 medium")
+    parser.add_argument("--threads", type=thread_count(1), default=2)
+    parser.add_argument("--steps", type=at_least(0), default=0, help="default: 200 small, 60 medium")
     parser.add_argument("--variants", action="store_true")
     args = parser.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]

@@ -15,7 +15,6 @@ median over rounds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from arguments import BenchParser, at_least, thread_count
 from shapes import REPO, SHAPES, overrides
 
 from gptcore.telemetry.metrics import read_metrics
@@ -61,12 +61,12 @@ def gptcore_ms(data: Path, shape: str, iters: int, skip: int, threads: int, dtyp
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a nanoGPT checkout with shakespeare_char prepared")
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip", type=int, default=10, help="warm-up iterations left out")
+    parser.add_argument("--threads", type=thread_count(1), default=2)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--skip", type=at_least(0), default=10, help="warm-up iterations left out")
     args = parser.parse_args()
     data = args.nanogpt / "data" / "shakespeare_char" / "input.txt"
     if not (args.nanogpt / "train.py").is_file() or not (data.parent / "train.bin").is_file():

@@ -42,7 +42,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import REPO, output_path, steady_median
+from harness import REPO, steady_median
+from arguments import output_path
 
 import torch  # noqa: E402  (after the sys.path fix, like the gptcore imports)
 

@@ -18,19 +18,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from analysis.scaling import steady_records  # noqa: E402  (after the sys.path fix)
-from gptcore.errors import UserInputError  # noqa: E402
-from gptcore.files import check_output  # noqa: E402
-
-
-def output_path(path: str | None, flag: str, directory: bool = False) -> Path | None:
-    """Where a benchmark writes, refused in one line before its runs start rather than after them."""
-    if path is None:
-        return None
-    try:
-        return check_output(Path(path), flag, directory)
-    except UserInputError as err:
-        print(f"{Path(sys.argv[0]).stem}: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 def steady_median(records: list[dict], key: str = "ms_per_step", warmup_fraction: float = 0.1) -> float:

@@ -30,27 +30,26 @@ import time
 from collections import deque
 from pathlib import Path
 
-NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
+from arguments import refuse
+
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py")  # what --nanogpt must hold
+CHARACTERS_ONLY = ("the nanogpt arm needs a character vocabulary (nanoGPT's meta.pkl): data.vocab chars, and --data a "
+                   "text or a directory prepared with characters")
 ITERATION = re.compile(r"^iter (\d+): loss \S+, time ([\d.]+)ms")
 
 
-def check_checkout(path: str) -> Path:
-    checkout = Path(path).resolve()
-    if missing := [name for name in NANOGPT_FILES if not (checkout / name).is_file()]:
-        sys.exit(f"bench_time_to_loss: --nanogpt {path} has no {', '.join(missing)}; pass a nanoGPT checkout "
-                 "(git clone https://github.com/karpathy/nanoGPT)")
-    return checkout
-
-
-def check_expressible(config) -> None:
-    """nanoGPT's train.py is AdamW, warmup + cosine and GPT-2's block, characters or GPT-2 tokens."""
+def check_expressible(config, preset: str) -> None:
+    """nanoGPT's train.py is AdamW, warmup + cosine and GPT-2's block, on characters (its meta.pkl)
+    or GPT-2 tokens; checked before any arm runs."""
     from gptcore.config import non_gpt2_options
 
     t = config.train
     if t.optimizer != "adamw" or t.schedule != "cosine" or (options := non_gpt2_options(config.model)):
-        sys.exit(f"bench_time_to_loss: the nanogpt arm takes the baseline's recipe (AdamW, cosine, GPT-2's block); "
-                 f"--config {config.name} has optimizer {t.optimizer}, schedule {t.schedule}"
-                 f"{', ' + ', '.join(options) if t.optimizer == 'adamw' and t.schedule == 'cosine' else ''}")
+        refuse(f"the nanogpt arm takes the baseline's recipe (AdamW, cosine, GPT-2's block); "
+               f"--config {preset} has optimizer {t.optimizer}, schedule {t.schedule}"
+               f"{', ' + ', '.join(options) if t.optimizer == 'adamw' and t.schedule == 'cosine' else ''}")
+    if config.data.vocab != "chars":
+        refuse(CHARACTERS_ONLY)
 
 
 def nanogpt_flags(config, eval_interval: int, device: str) -> list[str]:
@@ -98,9 +97,8 @@ def run(args, evaluation_every) -> dict:
     from gptcore.training.evaluation import evaluate_full
     from gptcore.training.setup import autocast_context, autocast_dtype
 
-    checkout = check_checkout(args.nanogpt)
+    checkout = args.nanogpt.resolve()
     config = load_config(args.preset, [*json.loads(args.overrides), f"data.path={args.data}"])
-    check_expressible(config)
     t = config.train
     every = evaluation_every(args.every, t.max_iters)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,8 +109,7 @@ def run(args, evaluation_every) -> dict:
         meta = read_meta(prepared)
         vocab = meta["vocab"]
         if not isinstance(vocab, list):
-            sys.exit("bench_time_to_loss: the nanogpt arm needs a character vocabulary (nanoGPT's meta.pkl); "
-                     "leave data.vocab at chars")
+            refuse(CHARACTERS_ONLY)  # a prepared directory of bytes
         data = scratch / "data" / "gptcore"
         data.mkdir(parents=True)
         for split in ("train", "val"):  # ours are uint8 below 257 characters

@@ -37,7 +37,7 @@ def run(final: float, curve: list[tuple[int, float, float]]) -> dict:
             "curve": [{"step": step, "train_s": seconds, "val": val} for step, seconds, val in curve]}
 
 
-def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss():
+def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss(capsys):
     assert time_to([{"step": 10, "train_s": 1.0, "val": 2.0}, {"step": 20, "train_s": 2.0, "val": 1.5}], 1.6) == \
         (2.0, 20)
     assert time_to([{"step": 10, "train_s": 1.0, "val": 2.0}], 1.6) is None
@@ -56,8 +56,10 @@ def test_the_first_arm_is_the_reference_and_others_are_timed_to_its_final_loss()
     # --report --arms: the same runs with another reference.
     assert list(saved_arms(results, "finetune,finetune-dropout0.2")) == ["finetune", "finetune-dropout0.2"]
     assert saved_arms(results, None) is results
-    with pytest.raises(SystemExit, match="the file has no arm fast; it has finetune-dropout0.2, finetune"):
+    with pytest.raises(SystemExit) as refused:
         saved_arms(results, "finetune,fast")
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith(": the file has no arm fast; it has finetune-dropout0.2, finetune\n")
 
 
 def test_the_nanogpt_arm_gives_train_py_the_baselines_settings_as_literals_of_its_types():
@@ -105,13 +107,13 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
     assert split_arm("fast") == ("fast", script)
     assert split_arm(f"fast@{tmp_path}") == ("fast", tmp_path / "bench" / "bench_time_to_loss.py")
     refused = subprocess.run([sys.executable, script, "--arms", f"fast@{tmp_path},fast"], capture_output=True, text=True)
-    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip() == (f"bench_time_to_loss: no {tmp_path}/bench/bench_time_to_loss.py for the arm "
                                       f"fast@{tmp_path}: ARM@CHECKOUT needs a gptcore checkout there")
     # nanoGPT's arm through another checkout still needs nanoGPT, rather than running as a gptcore arm.
     refused = subprocess.run([sys.executable, script, "--arms", f"nanogpt@{REPO},fast"], capture_output=True, text=True,
                              timeout=120)  # without the check it would train a gptcore arm under that name
-    assert refused.returncode == 1 and refused.stderr.strip() == (
+    assert refused.returncode == 2 and refused.stderr.strip() == (
         "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
 
 
@@ -119,19 +121,33 @@ def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path):
     script = REPO / "bench" / "bench_time_to_loss.py"
     for name in ("train.py", "model.py", "configurator.py"):  # what a nanoGPT checkout is known by
         (tmp_path / name).touch()
+    bytes_config = tmp_path / "bytes.yaml"
+    bytes_config.write_text("data:\n  vocab: bytes\n")
+    odd_heads = tmp_path / "odd_heads.yaml"
+    odd_heads.write_text("model:\n  n_embd: 100\n  n_head: 4\n")
     for extra, message in [
         (["--arms", "finetune,fast", "--set", "train.dtyp=float32"],
          "bench_time_to_loss: --set: unknown config key 'train.dtyp'; did you mean train.dtype?"),
         (["--arms", "fast", "--set", "train.dtype=float32", "--set", "model.n_head=5"],
          "bench_time_to_loss: --set: model.n_embd (128) must be divisible by model.n_head (5); try model.n_embd=125"),
         (["--arms", "baseline", "--config", "nosuch", "--set", "train.dtype=float32"],  # named as --config's, not --set's
-         "bench_time_to_loss: --config: config 'nosuch' is neither a YAML file nor a preset; presets: cpu, fast, "
-         "finetune, large, seed, shakespeare_char, tiny"),
+         "bench_time_to_loss: argument --config: config 'nosuch' is neither a YAML file nor a preset; presets: cpu, "
+         "fast, finetune, large, seed, shakespeare_char, tiny (see --help)"),
+        (["--arms", "baseline,+rotary", "--config", str(odd_heads), "--set", "train.dtype=float32"],
+         f"bench_time_to_loss: the arm +rotary cannot run on --config {odd_heads}: model.position=rotary rotates pairs "
+         "of channels: the head size n_embd/n_head = 25 must be even"),
         (["--arms", "baseline,nanogpt", "--nanogpt", str(tmp_path), "--set", "train.dtype=float32"],
          "bench_time_to_loss: --set changes gptcore's config; the arm nanogpt runs nanoGPT's train.py"),
+        # nanoGPT's arm on a recipe its train.py lacks: refused before the baseline's first run, not after it.
+        (["--arms", "baseline,nanogpt", "--nanogpt", str(tmp_path), "--config", "fast"],
+         "bench_time_to_loss: the nanogpt arm takes the baseline's recipe (AdamW, cosine, GPT-2's block); --config "
+         "fast has optimizer muon, schedule wsd"),
+        (["--arms", "nanogpt", "--nanogpt", str(tmp_path), "--config", str(bytes_config)],
+         "bench_time_to_loss: the nanogpt arm needs a character vocabulary (nanoGPT's meta.pkl): data.vocab chars, "
+         "and --data a text or a directory prepared with characters"),
     ]:
         refused = subprocess.run([sys.executable, script, *extra], capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.strip() == message, refused.stderr
+        assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.strip() == message, refused.stderr
 
 
 def test_a_json_path_that_cannot_be_written_is_refused_before_any_run(tmp_path):
@@ -148,7 +164,7 @@ def test_report_refuses_a_file_it_cannot_read_in_one_line(tmp_path):
     for path, reason in [(tmp_path / "absent.json", "No such file"), (tmp_path / "list.json", "list indices")]:
         refused = subprocess.run([sys.executable, script, "--report", str(path)], capture_output=True, text=True,
                                  timeout=120)
-        assert refused.returncode == 1 and refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
+        assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
         assert refused.stderr.startswith(f"bench_time_to_loss: cannot read runs from {path} (")
         assert reason in refused.stderr
         assert refused.stderr.strip().endswith("; give a file that --json wrote")
