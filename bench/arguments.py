@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 
-from gptcore.cli import at_least, non_negative_number, thread_count  # noqa: E402,F401  (types the benchmarks use)
+from gptcore.cli import at_least, non_negative_number, positive_number, thread_count  # noqa: E402,F401  (types)
 from gptcore.errors import UserInputError  # noqa: E402
 from gptcore.files import check_output  # noqa: E402
 
@@ -44,13 +44,6 @@ def probability(text: str) -> float:
     value = non_negative_number(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
-    return value
-
-
-def positive_number(text: str) -> float:
-    value = non_negative_number(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
     return value
 
 

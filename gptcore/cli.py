@@ -94,6 +94,13 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    value = non_negative_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def cmd_prepare(args) -> None:
     from gptcore.data.corpus import describe
     from gptcore.data.prepare import prepare

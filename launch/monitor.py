@@ -16,7 +16,6 @@ repository, so that its logs/ directory did not exist) gets a line saying so and
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
@@ -33,6 +32,9 @@ except ImportError:  # run as a script: python launch/monitor.py
 ensure_environment()
 
 import yaml  # noqa: E402  (once the environment is sure to have it)
+
+from gptcore.cli import ArgumentParser, positive_number  # noqa: E402
+from gptcore.errors import UserInputError  # noqa: E402
 
 RUNS = REPO / "runs"
 # squeue and sacct print the same fields in this order (see job_queries).
@@ -278,13 +280,17 @@ def collect(runs: Path, since: str, job_ids: set[str] | None) -> list[tuple[Job,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Live table of gptcore's Slurm jobs and their training progress.")
+    parser = ArgumentParser(prog="monitor.py", description="Live table of gptcore's Slurm jobs and their training progress.")
     parser.add_argument("--once", action="store_true", help="print the table once and exit")
-    parser.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    parser.add_argument("--interval", type=positive_number, default=5.0, help="seconds between refreshes")
     parser.add_argument("--jobs", default=None, help="comma-separated job ids (default: all of the user's gptcore jobs)")
     parser.add_argument("--since", default="now-1days", help="oldest finished jobs shown (sacct --starttime)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories are")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserInputError as err:
+        print(f"monitor: error: {err}", file=sys.stderr)
+        return err.exit_code
     job_ids = {part.strip() for part in args.jobs.split(",") if part.strip()} if args.jobs else None
     live = not args.once and sys.stdout.isatty()
     while True:

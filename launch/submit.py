@@ -21,7 +21,6 @@ its run before the requeue: the run resumes from it, as the sbatch templates' ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -39,6 +38,7 @@ ensure_environment()
 import cloudpickle  # noqa: E402  (after the sys.path fix)
 import submitit  # noqa: E402
 
+from gptcore.cli import ArgumentParser, at_least  # noqa: E402
 from gptcore.config import load_config  # noqa: E402
 from gptcore.errors import GptcoreError, UserInputError  # noqa: E402
 
@@ -191,19 +191,19 @@ def failure_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Submit a gptcore training run through submitit and wait for it.")
+    parser = ArgumentParser(prog="submit.py", description="Submit a gptcore training run through submitit and wait for it.")
     parser.add_argument("--config", required=True, help="preset name (seed, shakespeare_char, cpu, tiny) or YAML file")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node = ranks per node")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus", type=at_least(1), required=True, help="GPUs per node = ranks per node")
+    parser.add_argument("--nodes", type=at_least(1), default=1)
     parser.add_argument("--executor", choices=EXECUTORS, default="auto",
                         help="slurm, local (ranks on this machine), auto: slurm when a cluster answers")
     parser.add_argument("--folder", default="runs/submitit", help="submitit's logs and pickles (FOLDER/<job id>/)")
     parser.add_argument("--job-name", default="gptcore")
-    parser.add_argument("--timeout-min", type=int, default=60)
+    parser.add_argument("--timeout-min", type=at_least(1), default=60)
     parser.add_argument("--partition", default=None)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_iters=100")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         job = submit(args.config, args.overrides, args.gpus, args.nodes, args.executor, args.folder,
                      args.job_name, args.timeout_min, args.partition)
     except GptcoreError as err:

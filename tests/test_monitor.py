@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from launch.monitor import (Job, Progress, build_row, elapsed_seconds, find_run_dir, format_table, is_gptcore_job,
-                            launch_failure, merge_jobs, parse_jobs, read_progress)
+                            launch_failure, main, merge_jobs, parse_jobs, read_progress)
 
 # `squeue --format=%i|%j|%T|%M|%Z|%r|%k|%o` and
 # `sacct --parsable2 --format=JobID,JobName,State,Elapsed,WorkDir,Reason,Comment,SubmitLine`.
@@ -97,3 +97,9 @@ def test_a_job_slurm_could_not_start_says_why_and_how_to_fix_it(tmp_path):
     assert launch_failure(late, Path("/work/main")).startswith("job 74 (gptcore-1gpu) never started")
     ran = Job("73", "gptcore-1gpu", "FAILED", 30, "/work/main", "None", "", "sbatch slurm/train_1gpu.sbatch")
     assert launch_failure(ran, Path("/work/main")) is None  # it ran, and failed for its own reasons
+
+
+def test_a_bad_option_is_one_line_not_usage_text(capsys):
+    assert main(["--interval", "0"]) == 2
+    assert capsys.readouterr() == ("", "monitor: error: argument --interval: must be more than 0 (see monitor.py "
+                                       "--help)\n")

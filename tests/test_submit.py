@@ -44,6 +44,10 @@ def test_bad_input_is_refused_before_anything_is_submitted(tmp_path):
                           2, "nosuch")
     assert_one_line_error(submit("--config", "tiny", "--gpus", 1, "--nodes", 2, "--executor", "local",
                                  "--folder", tmp_path), 2, "nodes=1")
+    # argparse's own refusals are one line too, not its usage text.
+    assert_one_line_error(submit("--config", "tiny", "--gpus", 0, "--folder", tmp_path), 2,
+                          "submit: error: argument --gpus: must be at least 1, got 0 (see submit.py --help)")
+    assert_one_line_error(submit("--gpus", 1, "--folder", tmp_path), 2, "required: --config")
     assert not any(tmp_path.iterdir())
 
 
