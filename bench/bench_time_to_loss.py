@@ -121,7 +121,7 @@ def run_one(args) -> dict:
                     val = evaluate_full(model, parts.batches, "val", args.eval_rows, parts.autocast)
                     evaluating += time.perf_counter() - start
                     curve.append({"step": done, "train_s": round(trained, 3), "val": round(val, 5)})
-                    if not math.isfinite(val):
+                    if not math.isfinite(val) or val <= args.stop_at:
                         break
         finally:
             lock.release()
@@ -376,6 +376,7 @@ def main() -> None:
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at", type=non_negative_number, default=0.0, help=argparse.SUPPRESS)  # --one: a val loss
     args = parser.parse_args()
     if args.one:
         print(json.dumps(nanogpt_arm.run(args, evaluation_every) if args.nanogpt else run_one(args)))

@@ -4,6 +4,8 @@ how the nanogpt arm speaks to nanoGPT's train.py and reads its times; and arms r
 checkout (ARM@CHECKOUT)."""
 
 import ast
+import json
+import os
 import subprocess
 import sys
 
@@ -168,3 +170,20 @@ def test_report_refuses_a_file_it_cannot_read_in_one_line(tmp_path):
         assert refused.stderr.startswith(f"bench_time_to_loss: cannot read runs from {path} (")
         assert reason in refused.stderr
         assert refused.stderr.strip().endswith("; give a file that --json wrote")
+
+
+def test_one_run_stops_at_the_first_evaluation_that_reaches_stop_at(corpus):
+    def one(stop_at: float) -> dict:
+        done = subprocess.run([sys.executable, REPO / "bench" / "bench_time_to_loss.py", "--one", "--preset", "tiny",
+                               "--overrides", '["train.max_iters=30", "train.warmup_iters=2"]', "--data", str(corpus),
+                               "--every", "10", "--eval-from", "0", "--warmup", "2", "--eval-rows", "4",
+                               "--stop-at", str(stop_at)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    # Any loss is below 100, so the first pass (step 10) stops the run; 0 never does.
+    stopped, whole = one(100.0), one(0.0)
+    assert [point["step"] for point in stopped["curve"]] == [10]
+    assert [point["step"] for point in whole["curve"]] == [10, 20, 30]
+    assert stopped["curve"][0]["val"] == whole["curve"][0]["val"]  # the same run up to there
