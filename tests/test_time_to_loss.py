@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
+import bench_time_to_loss  # noqa: E402
 from bench_time_to_loss import incomplete_beta, report, saved_arms, split_arm, stepwise, time_to, welch  # noqa: E402
 from nanogpt_arm import ITERATION, nanogpt_flags, train_seconds  # noqa: E402
 
@@ -119,7 +120,7 @@ def test_an_arm_at_a_checkout_runs_that_checkouts_copy_of_the_bench(tmp_path):
         "bench_time_to_loss: the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
 
 
-def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path):
+def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path, monkeypatch, capsys):
     script = REPO / "bench" / "bench_time_to_loss.py"
     for name in ("train.py", "model.py", "configurator.py"):  # what a nanoGPT checkout is known by
         (tmp_path / name).touch()
@@ -148,8 +149,10 @@ def test_set_is_checked_against_every_arms_config_before_any_run(tmp_path):
          "bench_time_to_loss: the nanogpt arm needs a character vocabulary (nanoGPT's meta.pkl): data.vocab chars, "
          "and --data a text or a directory prepared with characters"),
     ]:
-        refused = subprocess.run([sys.executable, script, *extra], capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.strip() == message, refused.stderr
+        monkeypatch.setattr(sys, "argv", [str(script), *extra])  # in this process: main() refuses before any run
+        with pytest.raises(SystemExit) as refused:
+            bench_time_to_loss.main()
+        assert refused.value.code == 2 and capsys.readouterr() == ("", message + "\n")
 
 
 def test_a_json_path_that_cannot_be_written_is_refused_before_any_run(tmp_path):
