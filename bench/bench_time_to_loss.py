@@ -404,7 +404,7 @@ def main() -> None:
         refuse(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if missing := [arm for arm in arms if not split_arm(arm)[1].is_file()]:
         refuse(f"no {split_arm(missing[0])[1]} for the arm {missing[0]}: ARM@CHECKOUT needs a "
-                 "gptcore checkout there")
+               "gptcore checkout there")
     if "nanogpt" in recipes:  # nanogpt@CHECKOUT too: nanoGPT's train.py through that checkout's copy
         if not args.nanogpt:
             refuse("the arm nanogpt runs nanoGPT's own train.py: pass --nanogpt CHECKOUT")
