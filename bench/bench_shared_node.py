@@ -53,11 +53,12 @@ def train_arguments(text: str) -> list[str]:
     from gptcore.errors import UserInputError
 
     try:
-        parsed = build_parser().parse_args(["train", *shlex.split(text)])
+        arguments = shlex.split(text)
+        parsed = build_parser().parse_args(["train", *arguments])
     except (UserInputError, ValueError) as err:  # ValueError: shlex's unclosed quote
         raise argparse.ArgumentTypeError(str(err)) from None
     known_config(parsed.config, parsed.overrides)
-    return shlex.split(text)
+    return arguments
 
 
 def timed_train(train_args: list[str], extra: dict) -> float:

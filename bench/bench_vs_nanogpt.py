@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from arguments import BenchParser, at_least, thread_count
+from arguments import BenchParser, at_least, checkout, thread_count
 from shapes import REPO, SHAPES, overrides
 
 from gptcore.telemetry.metrics import read_metrics
@@ -62,17 +62,16 @@ def gptcore_ms(data: Path, shape: str, iters: int, skip: int, threads: int, dtyp
 
 def main() -> int:
     parser = BenchParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nanogpt", type=Path, required=True, help="a nanoGPT checkout with shakespeare_char prepared")
+    prepared = ("train.py", "data/shakespeare_char/input.txt", "data/shakespeare_char/train.bin")
+    parser.add_argument("--nanogpt", type=checkout(prepared, "a nanoGPT checkout where data/shakespeare_char/"
+                                                   "prepare.py has run"),
+                        required=True, help="a nanoGPT checkout with shakespeare_char prepared")
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--threads", type=thread_count(1), default=2)
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--skip", type=at_least(0), default=10, help="warm-up iterations left out")
     args = parser.parse_args()
     data = args.nanogpt / "data" / "shakespeare_char" / "input.txt"
-    if not (args.nanogpt / "train.py").is_file() or not (data.parent / "train.bin").is_file():
-        print(f"bench_vs_nanogpt: {args.nanogpt} needs train.py and data/shakespeare_char/{{input.txt,train.bin}}; "
-              "run nanoGPT's data/shakespeare_char/prepare.py there first", file=sys.stderr)
-        return 2
     print(f"{args.threads} threads, {args.rounds} rounds, median ms/iter after {args.skip} iterations; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     print("| shape | nanoGPT ms/iter | gptcore fp32 | gptcore auto | nanoGPT / gptcore fp32 | nanoGPT / gptcore auto |")

@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 
 from harness import REPO, steady_median
-from arguments import output_path
+from arguments import BenchParser, listed, one_of, output_path, positive_number, refuse
 
 import torch  # noqa: E402  (after the sys.path fix, like the gptcore imports)
 
@@ -555,7 +555,7 @@ def prepare_bundle(data: str | None) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepare", action="store_true", help="put the training text into gpu_bundle/ and stop")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, for CI")
     parser.add_argument("--quick", action="store_true", help="the core sections, each doing less: <= 2 minutes")
@@ -564,8 +564,8 @@ def main() -> int:
     parser.add_argument("--report", default=None, help="the table (default: $OUT where set, else --out)")
     parser.add_argument("--data", default=None, help="training text (default: gpu_bundle/train.txt, else tiny "
                         "Shakespeare in ../shared, else the default corpus)")
-    parser.add_argument("--only", default=None, help="comma-separated sections to run")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole check "
+    parser.add_argument("--only", type=listed(one_of(*SECTIONS)), default=None, help="comma-separated sections to run")
+    parser.add_argument("--budget", type=positive_number, default=None, help="seconds for the whole check "
                         f"(default {BUDGET_S['full']}, --quick {BUDGET_S['quick']})")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section
     args = parser.parse_args()
@@ -580,12 +580,8 @@ def main() -> int:
     out = output_path(args.out, "--out", directory=True)
     report = output_path(args.report or os.environ.get("OUT") or args.out, "--report", directory=True)
     if (out / "runs").exists():  # its runs would refuse to overwrite the earlier ones, section by section
-        print(f"gpu_check: {out} holds an earlier check's runs; pass a new --out directory", file=sys.stderr)
-        return 2
-    names = args.only.split(",") if args.only else list(QUICK_SECTIONS if args.quick else SECTIONS)
-    if unknown := [name for name in names if name not in SECTIONS]:
-        print(f"gpu_check: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}", file=sys.stderr)
-        return 2
+        refuse(f"{out} holds an earlier check's runs; pass a new --out directory")
+    names = args.only or list(QUICK_SECTIONS if args.quick else SECTIONS)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     budget = args.budget or BUDGET_S["smoke" if args.smoke else "quick" if args.quick else "full"]
     device = hardware.device_name(torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))

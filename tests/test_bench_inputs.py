@@ -43,6 +43,11 @@ PRESETS = "cpu, fast, finetune, large, seed, shakespeare_char, tiny"
     ("bench_attention", ["--dropout", "-0.1"], "argument --dropout: must be a finite number of at least 0, got -0.1 "
      "(see --help)"),
     ("bench_decode", ["--threads", "0"], "argument --threads: must be at least 1, got 0 (see --help)"),
+    ("bench_vs_nanogpt", ["--nanogpt", "{tmp}"], "argument --nanogpt: {tmp} has no train.py, "
+     "data/shakespeare_char/input.txt, data/shakespeare_char/train.bin; pass a nanoGPT checkout where "
+     "data/shakespeare_char/prepare.py has run (see --help)"),
+    ("gpu_check", ["--only", "env,gpu", "--out", "{tmp}/check"], "argument --only: unknown 'gpu'; choose from env, "
+     "time_to_loss, train, resume, gpu_to_cpu, inference, decode, checkpoint, ddp, fsdp (see --help)"),
 ])
 def test_a_bad_value_is_one_line_and_exit_2_before_any_work(script, args, message, tmp_path, monkeypatch, capsys):
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
