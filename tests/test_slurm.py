@@ -8,10 +8,12 @@ import os
 import pstats
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,29 @@ def straight(tmp_path_factory, corpus) -> dict:
     return load(run_dir / "ckpt.pt")["model"]
 
 
+def training_pids(job) -> dict[int, str]:
+    """The processes of the job's training step and their ranks (`scontrol listpids`: PID JOBID
+    STEPID LOCALID GLOBALID)."""
+    rows = [line.split() for line in run("scontrol", "listpids", job).splitlines()[1:]]
+    return {int(pid): rank for pid, _, step, _, rank in rows if step == "0"}
+
+
+@contextmanager
+def training_paused(job):
+    """The training step's processes stopped (SIGSTOP) meanwhile, so that a signal sent inside
+    reaches them at a known step however slowly this machine runs the test; they handle it once
+    continued."""
+    pids = list(training_pids(job))
+    assert pids, f"job {job} has no training step"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def same_model(run_dir, weights: dict) -> bool:
     saved = load(run_dir / "ckpt.pt")
     return saved["step"] == LONG_STEPS and all(torch.equal(saved["model"][name], weights[name]) for name in weights)
@@ -197,12 +222,13 @@ def test_usr1_requeues_and_a_late_sigterm_to_the_rerun_resumes_it_to_exactly_max
                       "train.sample_tokens=0", env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     run_dir = REPO / "runs" / f"test-preempt-{job}"
     wait_until(lambda: f"step 50/{LONG_STEPS}" in log_text("test-preempt", job), 60, "the first logged step")
-    row = monitor_row(monitor_once(), job)
-    assert row[2] == "RUNNING" and row[4].endswith(f"/{LONG_STEPS}")
-
-    run("scancel", "--signal=USR1", job)
+    with training_paused(job):  # each signal lands mid-run, not after the run's last step
+        row = monitor_row(monitor_once(), job)
+        assert row[2] == "RUNNING" and row[4].endswith(f"/{LONG_STEPS}")
+        run("scancel", "--signal=USR1", job)
     wait_until(lambda: "resumed from" in log_text("test-preempt", job), 90, "the requeued run's resume")
-    run("scancel", "--signal=TERM", job)  # the steps only, not the batch shell
+    with training_paused(job):
+        run("scancel", "--signal=TERM", job)  # the steps only, not the batch shell
     assert wait_until_ended(ENV, job, 150) == "COMPLETED", log_text("test-preempt", job)
     log = log_text("test-preempt", job)
     assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log
@@ -221,9 +247,7 @@ def test_a_dead_rank_fails_the_whole_job_within_a_minute(jobs, corpus):
                       "train.max_iters=1000000", "train.log_interval=50",
                       env={"CONFIG": "tiny", "EXTRA": "train.device=cpu"})
     wait_until(lambda: "step 50/" in log_text("test-deadrank", job), 60, "the first logged step")
-    # `scontrol listpids`: PID JOBID STEPID LOCALID GLOBALID; rank 1 of the training step.
-    rows = [line.split() for line in run("scontrol", "listpids", job).splitlines()[1:]]
-    rank1 = min(int(pid) for pid, _, step, _, rank in rows if step == "0" and rank == "1")
+    rank1 = min(pid for pid, rank in training_pids(job).items() if rank == "1")
     os.kill(rank1, 9)
     killed = time.monotonic()
     state = wait_until_ended(ENV, job, 60)
