@@ -281,9 +281,11 @@ def test_submit_py_runs_two_tasks_on_the_cluster_through_a_preemption_and_a_late
             rank0_log = tmp_path / job / f"{job}_0_log.out"
             wait_until(lambda: rank0_log.exists() and f"step 50/{LONG_STEPS}" in rank0_log.read_text(), 60,
                        "the first logged step")
-            run("scancel", "--signal=USR2", job)  # what Slurm sends submitit jobs before the time limit
+            with training_paused(job):  # each signal lands mid-run, not after the run's last step
+                run("scancel", "--signal=USR2", job)  # what Slurm sends submitit jobs before the time limit
             wait_until(lambda: "resumed from" in rank0_log.read_text(), 90, "the requeued run's resume")
-            run("scancel", "--signal=TERM", job)  # the step only, not the batch shell
+            with training_paused(job):
+                run("scancel", "--signal=TERM", job)  # the step only, not the batch shell
             out, err = process.communicate(timeout=150)
         finally:
             process.kill()
