@@ -1,5 +1,3 @@
-import sys
+from gptcore.cli import run
 
-from gptcore.cli import main
-
-sys.exit(main())
+run()

@@ -403,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `gptcore` process: main, then exit with its status, which a late stop signal no longer changes."""
+    code = main()
+    from gptcore.cluster.preemption import ignore_while_exiting
+
+    ignore_while_exiting()
+    sys.exit(code)
+
+
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 

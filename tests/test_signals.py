@@ -172,3 +172,16 @@ def test_only_a_sigterm_in_a_requeued_job_may_be_a_stray_one(monkeypatch, stoppe
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
     assert not stray_sigterm(stopped_by)
+
+
+def test_a_sigterm_while_a_finished_training_exits_leaves_exit_status_0(tmp_path, corpus):
+    """A scancel (or a step's end) that reaches a rank after the training has printed its summary,
+    while the interpreter tears down: the job must not end FAILED with its model complete. The
+    signal is sent from an exit function, inside that teardown, where it would otherwise kill."""
+    argv = ["train", *TINY, "train.max_iters=4", f"data.path={corpus}", f"out_dir={tmp_path / 'run'}"]
+    late_sigterm = ("import atexit, os, runpy, signal, sys; atexit.register(os.kill, os.getpid(), signal.SIGTERM); "
+                    f"sys.argv[1:] = {argv!r}; runpy.run_module('gptcore', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", late_sigterm], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "done: 4 steps" in done.stdout and (tmp_path / "run" / "ckpt.pt").exists()

@@ -9,8 +9,9 @@
   SIGTERM the templates resume from is a stray one (stray_sigterm): a requeued job's previous run
   signalling the step that now has its old id.
 The handlers are installed when a training command starts, before any set-up, and stay until it
-ends, its final sample included: a signal then never ends the process with a signal status
-(which marks a finished job FAILED and holds back `--dependency=afterok` jobs). The training loop
+ends, its final sample included; from then to the process's exit the signals are ignored
+(ignore_while_exiting). A signal then never ends the process with a signal status (which marks
+a finished job FAILED and holds back `--dependency=afterok` jobs). The training loop
 looks at the flag after every step; several ranks agree on it in the background
 (distributed.LaggedVote), so all stop at the same step. SIGINT (Ctrl-C) still interrupts at once.
 
@@ -99,6 +100,15 @@ def catching():
                 if handler is not None:
                     signal.signal(sig, handler)
 
+
+def ignore_while_exiting() -> None:
+    """From the end of a command to its exit, a stop signal whose handler is the default is
+    ignored. The work is done, and the default would end the interpreter's teardown (a second or
+    more of torch's destructors) with a signal status: a finished job marked FAILED, its afterok
+    jobs held back. SIGINT still ends it, and Slurm's SIGKILL after KillWait a teardown that hangs."""
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_IGN)  # Python resets its own handlers in teardown, not this
 
 class SetUpGuard:
     """The thread that acts when the main thread cannot (see the module's text)."""
