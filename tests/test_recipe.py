@@ -15,7 +15,7 @@ from conftest import REPO, assert_one_line_error, gptcore_here, run_gptcore, ste
 from gptcore.config import ModelConfig, TrainConfig, load_config
 from gptcore.inference.quantize import model_from_quantized, quantized_checkpoint
 from gptcore.models.gpt import GPT, ReLUSquared, parameter_count
-from gptcore.models.optim import MuonAdamW, lr_factor, make_optimizer
+from gptcore.models.optim import Muon, MuonAdamW, lr_factor, make_optimizer, orthogonalize
 
 # Each block option alone at a value away from GPT-2's, and all of them together.
 OPTIONS = {
@@ -174,6 +174,38 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert adamw | muon == {id(p) for p in model.parameters()} and not adamw & muon
 
 
+
+def test_muons_fp32_orthogonalization_is_pytorchs_newton_schulz_in_fp32(monkeypatch):
+    """Where bf16 matmuls are emulated, Muon orthogonalizes in fp32: PyTorch's iteration itself
+    (bit for bit in bf16), and with it in fp32, PyTorch's whole update bit for bit."""
+    from torch.optim import _muon  # PyTorch's own Newton-Schulz, the reference
+
+    coefficients, eps = (3.4445, -4.7750, 2.0315), 1e-7
+    for shape in ((48, 16), (16, 48), (16, 16)):
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        assert torch.equal(orthogonalize(grad, coefficients, 5, eps, torch.bfloat16),
+                           _muon._zeropower_via_newtonschulz(grad, coefficients, 5, eps))
+    monkeypatch.setattr(_muon, "_zeropower_via_newtonschulz",
+                        lambda grad, coefficients, steps, eps: orthogonalize(grad, coefficients, steps, eps,
+                                                                             torch.float32))
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(48, 16), torch.randn(16, 48)
+    params = {"ours": [ours, theirs], "pytorch": [ours.clone(), theirs.clone()]}
+    kwargs = dict(lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, adjust_lr_fn="original")
+    optimizers = {"ours": Muon(params["ours"], torch.float32, **kwargs),
+                  "pytorch": torch.optim.Muon(params["pytorch"], **kwargs)}
+    for step in range(3):
+        grads = [torch.randn(p.shape) for p in params["ours"]]
+        for name, optimizer in optimizers.items():
+            for param, grad in zip(params[name], grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(params["ours"], params["pytorch"]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(optimizers["ours"].state[a]["momentum_buffer"],
+                           optimizers["pytorch"].state[b]["momentum_buffer"])
+               for a, b in zip(params["ours"], params["pytorch"]))
+
 @pytest.mark.slow
 def test_a_muon_run_with_every_option_resumes_bit_identically(tmp_path, corpus):
     common = [*TINY, f"data.path={corpus}", "train.max_iters=24", *RECIPE]
@@ -199,7 +231,7 @@ def test_a_muon_run_with_every_option_resumes_bit_identically(tmp_path, corpus):
 
 @pytest.mark.parametrize("optimizer, tolerance", [
     ("adamw", 1e-5),
-    # Muon orthogonalizes in bf16 (torch.optim.Muon): two ranks' gradients differ from one rank's
+    # Muon orthogonalizes in bf16 where the CPU has it in hardware: two ranks' gradients differ from one rank's
     # in the last fp32 bits (the order of the all-reduce's sums), which can move an update by one
     # bf16 step, ~lr * 2^-8 = 8e-5 at muon_lr 0.02. Within a world size, resume is bit-identical.
     ("muon", 2e-4),

@@ -3,7 +3,8 @@ sharded checkpoint's state.
 
 train.optimizer=adamw: AdamW on every parameter, weight decay on matrices only.
 train.optimizer=muon: PyTorch's torch.optim.Muon on the blocks' matrices (attention and MLP), where
-it orthogonalizes each update (Newton-Schulz, 5 bf16 iterations), and AdamW on the rest: the token
+it orthogonalizes each update (Newton-Schulz, 5 iterations in bf16, or in fp32 on a device that has
+no bf16 matmul in hardware: see Muon), and AdamW on the rest: the token
 and position embeddings, an untied head, norms and biases. Muon is meant for hidden matrices only;
 an embedding's rows are looked up one at a time and the head's outputs are scored one by one, so
 orthogonalizing their updates does not fit them (modded-nanogpt keeps them on Adam too).
@@ -50,6 +51,52 @@ class MuonAdamW:
             part.load_state_dict(state[name])
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with adjust_lr_fn="original". Its Newton-Schulz iterations are in bf16; with
+    ORTHOGONALIZE_IN float32 (a device with no bf16 matmul in hardware), the same update has them in
+    fp32. A CPU without AVX-512 BF16 or AMX emulates bf16 matmuls about 100x slower than fp32: 1,012
+    against 32 ms a step for the fast preset's 16 matrices on an AVX2 EPYC (BENCHMARKS.md)."""
+
+    def __init__(self, params, orthogonalize_in: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.orthogonalize_in = orthogonalize_in
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.orthogonalize_in == torch.bfloat16:
+            super().step()
+            return
+        for group in self.param_groups:  # torch.optim.Muon's single-tensor update (its only one)
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param in (p for p in group["params"] if p.grad is not None):
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.orthogonalize_in)
+                param.mul_(1 - lr * group["weight_decay"])
+                rows, cols = param.shape  # adjust_lr_fn="original": the update's RMS alike across shapes
+                param.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
+
+
+def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration towards the nearest orthogonal matrix (torch.optim.Muon's
+    own, in DTYPE), on the wide orientation so that the Gram matrix is the smaller one."""
+    a, b, c = coefficients
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.to(dtype)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # a spectral norm of at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def adamw(groups: list[dict], t: TrainConfig) -> torch.optim.AdamW:
     """The fused kernel when the device has one, which does the whole update in one pass."""
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2))
@@ -59,8 +106,9 @@ def adamw(groups: list[dict], t: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def make_optimizer(model: torch.nn.Module, config: Config):
-    """AdamW (weight decay on matrices, not biases or norms), or Muon + AdamW (train.optimizer)."""
+def make_optimizer(model: torch.nn.Module, config: Config, orthogonalize_in: torch.dtype = torch.bfloat16):
+    """AdamW (weight decay on matrices, not biases or norms), or Muon + AdamW (train.optimizer);
+    Muon orthogonalizes in ORTHOGONALIZE_IN (float32 where bf16 matmuls are not in hardware)."""
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = set()
@@ -73,8 +121,8 @@ def make_optimizer(model: torch.nn.Module, config: Config):
     ]
     if not hidden:
         return adamw(groups, t)
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=t.muon_lr, momentum=t.muon_momentum,
-                            weight_decay=t.muon_weight_decay, nesterov=True, adjust_lr_fn="original")
+    muon = Muon([p for p in params if id(p) in hidden], orthogonalize_in, lr=t.muon_lr, momentum=t.muon_momentum,
+                weight_decay=t.muon_weight_decay, nesterov=True, adjust_lr_fn="original")
     return MuonAdamW(muon, adamw(groups, t))
 
 

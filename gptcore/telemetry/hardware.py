@@ -103,6 +103,11 @@ def check_cpu_compile(device: torch.device, asked: str, instead: str) -> None:
                              f"apt install g++) or {instead}") from None
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether DEVICE does bf16 matmuls in hardware (else it emulates them, slower than fp32)."""
+    return cuda_has_native_bf16() if device.type == "cuda" else cpu_has_native_bf16()
+
+
 def cuda_has_native_bf16() -> bool:
     """Ampere and newer. PyTorch's plain is_bf16_supported() also says yes for V100 and T4, which
     emulate bf16 far slower than fp32."""

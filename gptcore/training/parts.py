@@ -102,7 +102,8 @@ def compose(config: Config, contract: distributed.RankContract, lock: RunLock, l
     comm = AllReduceTimer(device) if config.profile.comm and t.parallel == "ddp" else None
     parallel = parallelize(model, device, t.parallel, compiles(config, device), dtype, t.reshard_after_forward,
                            t.activation_checkpointing, comm.hook if comm else None)
-    optimizer = make_optimizer(model, config)  # over the parameters as parallelize left them
+    optimizer = make_optimizer(model, config,  # over the parameters as parallelize left them
+                               torch.bfloat16 if hardware.has_native_bf16(device) else torch.float32)
     parts = Parts(config, contract, log, threads, device, checkpointer, batches, global_batch, model, parallel,
                   optimizer, comm, probe, autocast_context(dtype, device),
                   str(dtype).replace("torch.", "") if dtype else "float32",

@@ -33,8 +33,7 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     fp16 path, so no loss scaling is needed. None: plain fp32."""
     choice = config.train.dtype
     if choice == "auto":
-        native = hardware.cuda_has_native_bf16() if device.type == "cuda" else hardware.cpu_has_native_bf16()
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if hardware.has_native_bf16(device) else None
     return torch.bfloat16 if choice == "bfloat16" else None
 
 
