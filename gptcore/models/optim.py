@@ -54,8 +54,8 @@ class MuonAdamW:
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with adjust_lr_fn="original". Its Newton-Schulz iterations are in bf16; with
     ORTHOGONALIZE_IN float32 (a device with no bf16 matmul in hardware), the same update has them in
-    fp32. A CPU without AVX-512 BF16 or AMX emulates bf16 matmuls about 100x slower than fp32: 1,012
-    against 32 ms a step for the fast preset's 16 matrices on an AVX2 EPYC (BENCHMARKS.md)."""
+    fp32. A CPU without AVX-512 BF16 or AMX emulates bf16 matmuls about 100x slower than fp32: the
+    fast model's optimizer step took 976 ms against 40 ms on an AVX2 EPYC (BENCHMARKS.md)."""
 
     def __init__(self, params, orthogonalize_in: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(params, **kwargs)
