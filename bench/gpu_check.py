@@ -58,7 +58,7 @@ BUNDLE = REPO / "gpu_bundle"  # what the device call carries (git ignores it): t
 BUNDLE_TEXT = BUNDLE / "train.txt"
 DEVICE_CALL = ('command "bash bench/gpu_check.sh", carry ["gpu_bundle"], timeout_s 420 '
                '(a --quick rerun then fits in what is left of 15 minutes)')
-BUDGET_S = {"full": 300, "quick": 120, "smoke": 600}  # the whole check's wall time; sections share it
+BUDGET_S = {"full": 300, "quick": 120, "smoke": 900}  # the whole check's wall time; sections share it
 ORIGINAL_SECONDS_1GPU = 6365  # the original project's 5,000 iterations on one GPU
 TARGET_VAL_LOSS = 1.47  # nanoGPT's shakespeare_char reaches 1.4697
 SDPA_OPS = {
@@ -440,17 +440,20 @@ def section_fsdp(check: Check) -> None:
 
 # The order is the priority when the budget runs short: time_to_loss, the issue's GPU target, comes
 # right after the environment, and stops at the target.
+# A smoke limit catches a hang, not a slow CPU: about 3x the section's time alone on the slowest
+# CI machine seen (2-core AVX2 EPYC: 3, 12, 53, 39, 4, 22, 31, 6, 19 and 65 s), so that it holds
+# beside the other tests' load.
 SECTIONS = {  # name: (function, time limit in s on a GPU, in smoke mode)
-    "env": (section_env, 15, 20),
-    "time_to_loss": (section_time_to_loss, 120, 40),
-    "train": (section_train, 75, 80),
-    "resume": (section_resume, 40, 40),
-    "gpu_to_cpu": (section_gpu_to_cpu, 20, 10),
-    "inference": (section_inference, 30, 40),
-    "decode": (section_decode, 55, 60),
+    "env": (section_env, 15, 30),
+    "time_to_loss": (section_time_to_loss, 120, 60),
+    "train": (section_train, 75, 160),
+    "resume": (section_resume, 40, 120),
+    "gpu_to_cpu": (section_gpu_to_cpu, 20, 20),
+    "inference": (section_inference, 30, 70),
+    "decode": (section_decode, 55, 100),
     "checkpoint": (section_checkpoint, 15, 30),
-    "ddp": (section_ddp, 30, 50),
-    "fsdp": (section_fsdp, 45, 60),
+    "ddp": (section_ddp, 30, 60),
+    "fsdp": (section_fsdp, 45, 200),
 }
 QUICK_SECTIONS = ("env", "time_to_loss", "train", "resume", "decode", "ddp")  # each does less under --quick
 

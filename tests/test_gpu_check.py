@@ -66,7 +66,7 @@ def test_the_check_runs_on_a_copy_like_the_device_machines_and_writes_the_table_
            "OUT": str(report), "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1"}
     command = ["bash", "-c", "ip link set lo up 2>/dev/null; exec bash bench/gpu_check.sh --smoke --out runs/check"]
     result = subprocess.run([*network_blocker(), *command], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=560)
+                            timeout=960)  # the smoke budget (900 s), and set-up
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads((report / "gpu_check.json").read_text())
     by_section = {}
