@@ -176,8 +176,9 @@ def optimizer_cost(preset: str, rounds: int) -> list[str]:
         median = statistics.median(measured)
         lines.append(f"  {name}: {median:.2f} ms ({min(measured):.2f}-{max(measured):.2f})"
                      + (f", +{median - adamw:.2f} ms" if name != "AdamW" else ""))
-    used = "bf16" if has_native_bf16(torch.device("cpu")) else "fp32"
-    lines.append(f"  training here orthogonalizes in {used} (bf16 matmuls {'' if used == 'bf16' else 'not '}in hardware)")
+    native = has_native_bf16(torch.device("cpu"))
+    lines.append(f"  training here orthogonalizes in {'bf16 (bf16 matmuls in' if native else 'fp32 (bf16 matmuls not in'} "
+                 "hardware)")
     return lines
 
 

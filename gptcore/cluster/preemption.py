@@ -110,6 +110,7 @@ def ignore_while_exiting() -> None:
         if signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, signal.SIG_IGN)  # Python resets its own handlers in teardown, not this
 
+
 class SetUpGuard:
     """The thread that acts when the main thread cannot (see the module's text)."""
 
