@@ -174,7 +174,6 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert adamw | muon == {id(p) for p in model.parameters()} and not adamw & muon
 
 
-
 def test_muons_fp32_orthogonalization_is_pytorchs_newton_schulz_in_fp32(monkeypatch):
     """Where bf16 matmuls are emulated, Muon orthogonalizes in fp32: PyTorch's iteration itself
     (bit for bit in bf16), and with it in fp32, PyTorch's whole update bit for bit."""
@@ -194,7 +193,7 @@ def test_muons_fp32_orthogonalization_is_pytorchs_newton_schulz_in_fp32(monkeypa
     kwargs = dict(lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, adjust_lr_fn="original")
     optimizers = {"ours": Muon(params["ours"], torch.float32, **kwargs),
                   "pytorch": torch.optim.Muon(params["pytorch"], **kwargs)}
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn(p.shape) for p in params["ours"]]
         for name, optimizer in optimizers.items():
             for param, grad in zip(params[name], grads):
@@ -205,6 +204,7 @@ def test_muons_fp32_orthogonalization_is_pytorchs_newton_schulz_in_fp32(monkeypa
     assert all(torch.equal(optimizers["ours"].state[a]["momentum_buffer"],
                            optimizers["pytorch"].state[b]["momentum_buffer"])
                for a, b in zip(params["ours"], params["pytorch"]))
+
 
 @pytest.mark.slow
 def test_a_muon_run_with_every_option_resumes_bit_identically(tmp_path, corpus):
