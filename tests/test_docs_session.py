@@ -1,9 +1,10 @@
 """The docs, followed: every gptcore command and every report that README.md and docs/ show, run as
-typed, in reading order, in one fresh directory, the way a reader who follows them would. Two
+typed, in reading order, in one fresh directory, the way a reader who follows them would. Three
 things are added: a few steps at the end of each training command (and a CPU-sized model for the
-GPU presets), and the files a reader brings (a book, a folder of texts, a JSON Lines file, a
-nanoGPT run). The docs' other commands (sbatch, torchrun, the sweep) need a cluster or ranks;
-test_docs.py names the test that runs each of them."""
+GPU presets), a few batches and tokens at the end of each eval and quantize, and the files a reader
+brings (a book, a folder of texts, a JSON Lines file, a nanoGPT run). The docs' other commands
+(sbatch, torchrun, the sweep) need a cluster or ranks; test_docs.py names the test that runs each
+of them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ FEW_STEPS = ["train.max_iters=12", "train.warmup_iters=2", "train.eval_interval=
 CPU_SIZED = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "train.batch_size=8",
              "train.grad_accum=1"]
 GPU_PRESETS = ("seed", "large")
+# Their defaults (20 batches of 16 rows each for fp32 and the quantized model, 200 decoded tokens each)
+# were nearly half of the session's time on a CPU without AVX-512; the flags work the same with fewer.
+FEW_BATCHES = {"eval": ["--batches", "2"], "quantize": ["--eval-batches", "2", "--bench-tokens", "20"]}
 # What a nanoGPT user has before `gptcore import`: its run's ckpt.pt and its dataset's meta.pkl,
 # here the ones our own nanoGPT export wrote a command earlier.
 NANOGPT_FILES = {"out-shakespeare-char/ckpt.pt": "runs/cpu/nano/ckpt.pt",
@@ -42,7 +46,7 @@ def session_argv(command: str) -> list[str] | None:
         if words[1] == "train":
             config = words[words.index("--config") + 1] if "--config" in words else None
             words = [*words, *FEW_STEPS, *(CPU_SIZED if config in GPU_PRESETS else [])]
-        return words
+        return [*words, *FEW_BATCHES.get(words[1], [])]
     # RUN_DIR... --out DIR, or runs/sweep/n*: not a path until a reader (or a sweep) supplies one
     placeholder = any(word.rstrip(".").isupper() or "*" in word for word in words[3:])
     if not env and words[:3] == ["python", "-m", "analysis.report"] and not placeholder:
