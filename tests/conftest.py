@@ -7,10 +7,12 @@ import fcntl
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,21 @@ def wait_until_ended(env: dict, job_id: str, timeout: float) -> str:
         state = job_info(env, job_id)["JobState"]
         return None if state in ACTIVE_JOB_STATES else state
     return wait_until(final_state, timeout, f"job {job_id} to end")
+
+
+@contextmanager
+def paused(pids: list[int], what: str):
+    """WHAT's training processes PIDS stopped (SIGSTOP) meanwhile, so that a signal sent inside
+    reaches them at a known step however fast or slowly this machine runs; they handle it once
+    continued."""
+    assert pids, f"{what} has no training process"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def sacct(env: dict, job_id: str, fields: str = "State") -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (REPO, assert_one_line_error, job_info, run_metrics, run_gptcore, sacct, slurm_command,
+from conftest import (REPO, assert_one_line_error, job_info, paused, run_metrics, run_gptcore, sacct, slurm_command,
                       step_losses, wait_until, wait_until_ended)
 
 SCRIPT = ["bash", "env/local_slurm.sh"]
@@ -124,18 +124,31 @@ LAUNCHES = [("srun", "ddp"), ("torchrun", "ddp"), ("torchrun", "fsdp")]
 # FSDP's loss curve is checked against one rank's in test_fsdp.py: across two nodes its preemption test suffices.
 
 
-def rank_pid(job: str, rank: int) -> int:
-    """The training process of RANK in JOB; the PID namespace is shared with the nodes."""
+def training_processes(job: str) -> dict[int, set[bytes]]:
+    """{pid: environment} of JOB's processes that run gptcore (its ranks, and torchrun's agents),
+    not srun; the PID namespace is shared with the nodes."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             environ = set((proc / "environ").read_bytes().split(b"\0"))
             cmdline = (proc / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()} <= environ and b"gptcore" in cmdline \
-                and b"srun" not in cmdline:
-            return int(proc.name)
-    raise AssertionError(f"no rank {rank} process of job {job}")
+        if f"SLURM_JOB_ID={job}".encode() in environ and b"gptcore" in cmdline and b"srun" not in cmdline:
+            found[int(proc.name)] = environ
+    return found
+
+
+def rank_pid(job: str, rank: int) -> int:
+    """The training process of RANK in JOB (launched by srun: one process per rank)."""
+    pids = [pid for pid, environ in training_processes(job).items() if f"SLURM_PROCID={rank}".encode() in environ]
+    assert pids, f"no rank {rank} process of job {job}"
+    return min(pids)
+
+
+def training_paused(job: str):
+    """JOB's training processes on both nodes stopped meanwhile (conftest.paused)."""
+    return paused(list(training_processes(job)), f"job {job}")
 
 
 @pytest.mark.parametrize("launcher, parallel", LAUNCHES[:2])
@@ -225,7 +238,8 @@ def test_usr1_on_two_nodes_checkpoints_requeues_and_ends_at_exactly_max_iters(cl
     job = cluster.sbatch(launcher, run_dir, f"data.path={corpus}", *LONG, f"train.max_iters={iters}",
                          extra=f"train.parallel={parallel}")
     wait_until(lambda: f"step 200/{iters}" in cluster.log(job), 90, "step 200")
-    slurm_command(cluster.env, "scancel", "--signal=USR1", job)
+    with training_paused(job):  # the signal lands mid-run, not after the run's last step
+        slurm_command(cluster.env, "scancel", "--signal=USR1", job)
     assert wait_until_ended(cluster.env, job, 150) == "COMPLETED", cluster.log(job)
     log = cluster.log(job)
     assert "stopped by SIGUSR1 at step" in log and f"requeued Slurm job {job}" in log

@@ -8,20 +8,18 @@ import os
 import pstats
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 import torch
 
-from conftest import (REPO, SWEEP_TRAIN, assert_one_line_error, job_info, report_rows, run_metrics, sacct, slurm_command,
-                      sweep, wait_until, wait_until_ended)
+from conftest import (REPO, SWEEP_TRAIN, assert_one_line_error, job_info, paused, report_rows, run_metrics, sacct,
+                      slurm_command, sweep, wait_until, wait_until_ended)
 from gptcore.checkpointing.checkpoint import load
 
 
@@ -193,20 +191,9 @@ def training_pids(job) -> dict[int, str]:
     return {int(pid): rank for pid, _, step, _, rank in rows if step == "0"}
 
 
-@contextmanager
 def training_paused(job):
-    """The training step's processes stopped (SIGSTOP) meanwhile, so that a signal sent inside
-    reaches them at a known step however slowly this machine runs the test; they handle it once
-    continued."""
-    pids = list(training_pids(job))
-    assert pids, f"job {job} has no training step"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    """The training step's processes stopped meanwhile (conftest.paused)."""
+    return paused(list(training_pids(job)), f"job {job}")
 
 
 def same_model(run_dir, weights: dict) -> bool:
