@@ -28,8 +28,10 @@ from pathlib import Path
 # Read by torch, OpenMP or Python themselves at start-up or import (CXX: by inductor's config): a
 # change needs a fresh process.
 STARTUP_PREFIXES = ("TORCH", "OMP_", "GOMP_", "KMP_", "MKL_", "CUDA", "PYTHON", "LD_", "NCCL", "GLOO", "CXX")
-# What the commands import, once, in the starter.
-PRELOAD = ("torch", "gptcore.cli", "gptcore.inference.generate", "gptcore.inference.quantize", "gptcore.training.train")
+# What the commands import, once, in the starter. torch._dynamo too: a training imports it with its
+# first optimizer (torch.optim wraps add_param_group in torch._disable_dynamo), 1.6 s a command.
+PRELOAD = ("torch", "torch._dynamo", "gptcore.cli", "gptcore.inference.generate", "gptcore.inference.quantize",
+           "gptcore.training.train")
 
 
 def warm_enough(env: dict, base: dict) -> bool:
